@@ -1,0 +1,277 @@
+//! Blocking system-call helpers shared by the file backends.
+//!
+//! Everything here is synchronous: the std backend calls it from `spawn_blocking`, the io_uring backend
+//! only for the cheap metadata calls (`fstat`, `ftruncate`, `lseek`) that io_uring has no opcode for in
+//! tokio-uring.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::{AsRawFd, RawFd};
+
+use crate::HostStatus;
+
+/// Size of the chunks of zeros written when the host cannot `fallocate` (bounded memory use).
+pub(crate) const ZERO_CHUNK: usize = 1 << 20;
+
+/// Largest number of iovecs passed to one `pwritev` (Linux's `IOV_MAX`).
+pub(crate) const IOV_MAX: usize = 1024;
+
+/// Largest file offset the kernel accepts (`off_t` is signed 64-bit).
+const MAX_OFFSET: u64 = i64::MAX as u64;
+
+/// Checks that `[offset, offset + len)` is representable as a file range, returning its end.
+pub(crate) fn check_range(offset: u64, len: u64) -> io::Result<u64> {
+    match offset.checked_add(len) {
+        Some(end) if end <= MAX_OFFSET => Ok(end),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "byte range at offset {offset} of length {len} exceeds the largest file offset {MAX_OFFSET}"
+            ),
+        )),
+    }
+}
+
+/// Converts a `usize` length to `u64` (lossless on every supported target).
+pub(crate) fn len64(len: usize) -> u64 {
+    // usize is at most 64 bits on every target Rust supports for Linux.
+    len as u64
+}
+
+/// True when an error means "this operation is not supported here", so that an emulation applies.
+pub(crate) fn is_unsupported(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENOTTY)
+    ) || err.kind() == io::ErrorKind::Unsupported
+}
+
+/// Reads into `buf` at `offset` until it is full or the file ends; returns the bytes read. Retries
+/// `EINTR`. Does not touch `buf[n..]`.
+pub(crate) fn pread_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let pos = offset + len64(done);
+        match file.read_at(&mut buf[done..], pos) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Like [`pread_full`] for `O_DIRECT` files, where `offset` and `buf` are block-aligned: stops at the
+/// first read that is not a whole number of `align` blocks (the end of the file), since the next read
+/// would start at an unaligned offset.
+pub(crate) fn pread_direct(
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+    align: usize,
+) -> io::Result<usize> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let pos = offset + len64(done);
+        match file.read_at(&mut buf[done..], pos) {
+            Ok(0) => break,
+            Ok(n) => {
+                done += n;
+                if !n.is_multiple_of(align) {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Writes all of `buf` at `offset`, retrying `EINTR` and short writes.
+pub(crate) fn pwrite_all(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let pos = offset + len64(done);
+        match file.write_at(&buf[done..], pos) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("write at offset {pos} wrote nothing"),
+                ))
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes the slices back to back from `offset` with `pwritev`, looping on partial writes and splitting
+/// at [`IOV_MAX`] iovecs.
+pub(crate) fn pwritev_all(file: &File, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // Index of the first buffer not yet fully written, and how much of it is written.
+    let mut first = 0usize;
+    let mut skip = 0usize;
+    let mut pos = offset;
+    let mut iovs: Vec<libc::iovec> = Vec::with_capacity(bufs.len().min(IOV_MAX));
+    loop {
+        while first < bufs.len() && skip == bufs[first].len() {
+            first += 1;
+            skip = 0;
+        }
+        if first == bufs.len() {
+            return Ok(());
+        }
+        iovs.clear();
+        for (i, b) in bufs[first..].iter().take(IOV_MAX).enumerate() {
+            let start = if i == 0 { skip } else { 0 };
+            let rest = &b[start..];
+            iovs.push(libc::iovec {
+                iov_base: rest.as_ptr() as *mut libc::c_void,
+                iov_len: rest.len(),
+            });
+        }
+        let count = libc::c_int::try_from(iovs.len()).unwrap_or(libc::c_int::MAX);
+        let off = libc::off_t::try_from(pos).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("offset {pos} too large"),
+            )
+        })?;
+        // SAFETY: every iovec points into a live slice of `bufs` with its exact remaining length; the
+        // kernel only reads from them.
+        let ret = unsafe { libc::pwritev(fd, iovs.as_ptr(), count, off) };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut n = usize::try_from(ret).unwrap_or(0);
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("vectored write at offset {pos} wrote nothing"),
+            ));
+        }
+        pos += len64(n);
+        while n > 0 && first < bufs.len() {
+            let left = bufs[first].len() - skip;
+            if n >= left {
+                n -= left;
+                first += 1;
+                skip = 0;
+            } else {
+                skip += n;
+                n = 0;
+            }
+        }
+    }
+}
+
+/// `fallocate(2)` on `fd`, retrying `EINTR`.
+pub(crate) fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let off = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    let l = libc::off_t::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length too large"))?;
+    loop {
+        // SAFETY: plain system call on a file descriptor the caller keeps open.
+        let ret = unsafe { libc::fallocate(fd, mode, off, l) };
+        if ret == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `FALLOC_FL_ZERO_RANGE`: zero a range keeping it allocated (extends the file if it ends past EOF).
+pub(crate) const MODE_ZERO_RANGE: libc::c_int = libc::FALLOC_FL_ZERO_RANGE;
+
+/// `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`: deallocate a range, never changing the file size.
+pub(crate) const MODE_PUNCH_HOLE: libc::c_int =
+    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+
+/// One `lseek` with `whence` (`SEEK_DATA`/`SEEK_HOLE`); `Ok(None)` on `ENXIO`.
+fn lseek(fd: RawFd, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let off = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    // SAFETY: plain system call; it only moves the file position, which positioned I/O ignores.
+    let ret = unsafe { libc::lseek(fd, off, whence) };
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(u64::try_from(ret).ok())
+}
+
+/// Data/hole status at `offset` for at most `max_len` bytes, from `SEEK_DATA`/`SEEK_HOLE`.
+///
+/// Past the end of the file is a hole; where the file system cannot tell, the file's bytes are data.
+pub(crate) fn host_status(file: &File, offset: u64, max_len: u64) -> io::Result<HostStatus> {
+    let file_len = file.metadata()?.len();
+    if max_len == 0 {
+        return Ok(HostStatus {
+            data: offset < file_len,
+            len: 0,
+        });
+    }
+    if offset >= file_len {
+        return Ok(HostStatus {
+            data: false,
+            len: max_len,
+        });
+    }
+    let in_file = (file_len - offset).min(max_len);
+    let fd = file.as_raw_fd();
+    match lseek(fd, offset, libc::SEEK_DATA) {
+        // No data at or after `offset`: hole to the end of the file, and past it too.
+        Ok(None) => Ok(HostStatus {
+            data: false,
+            len: max_len,
+        }),
+        Ok(Some(data)) if data > offset => Ok(HostStatus {
+            data: false,
+            len: (data - offset).min(max_len),
+        }),
+        Ok(Some(_)) => {
+            let hole = match lseek(fd, offset, libc::SEEK_HOLE) {
+                Ok(Some(h)) if h > offset => h,
+                // Raced with a concurrent change or the fs cannot tell: the bytes up to EOF are data.
+                Ok(_) | Err(_) => file_len,
+            };
+            Ok(HostStatus {
+                data: true,
+                len: (hole - offset).min(in_file).max(1),
+            })
+        }
+        // The file system does not support SEEK_DATA: report data.
+        Err(_) => Ok(HostStatus {
+            data: true,
+            len: in_file,
+        }),
+    }
+}
+
+/// Bytes allocated on the host for `file` (`st_blocks * 512`).
+pub(crate) fn allocated_size(file: &File) -> io::Result<Option<u64>> {
+    let meta = file.metadata()?;
+    Ok(meta.blocks().checked_mul(512))
+}
+
+/// The current length of `file`.
+pub(crate) fn file_len(file: &File) -> io::Result<u64> {
+    Ok(file.metadata()?.len())
+}
