@@ -133,6 +133,7 @@ fn qcow2_info(name: &str, header: &ImageHeader, virtual_size: u64) -> ImageInfo 
             corrupt: header.is_corrupt(),
             extended_l2: header.geometry().extended_l2,
             compression_type: header.compression_type().name().to_owned(),
+            has_data_file: header.has_data_file(),
             data_file: header.data_file().map(str::to_owned),
             data_file_raw: header.data_file_raw(),
         }),

@@ -48,6 +48,9 @@ pub struct Qcow2Info {
     pub extended_l2: bool,
     /// `"zlib"` or `"zstd"`.
     pub compression_type: String,
+    /// The external-data-file incompatible bit (2): data lives in another file. Can be set without a
+    /// recorded name (`data_file` is then `None`); qemu-img info still reports `data-file-raw` then.
+    pub has_data_file: bool,
     /// The external data file name as stored in the image, if any.
     pub data_file: Option<String>,
     /// The `data_file_raw` autoclear bit.

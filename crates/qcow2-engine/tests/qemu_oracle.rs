@@ -6,18 +6,12 @@ mod common;
 use common::*;
 use qcow2_engine::{Error, ImageFormat, OpenOptions};
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_64k_clusters() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tmp();
+    skip_without_qemu!();
+    let t = temp_dir();
     let d = t.path();
-    qemu_img(d, &["create", "-q", "-f", "qcow2", "a.qcow2", "20M"]);
+    create_qcow2(d, "a.qcow2", "20M", "", None);
     qemu_io(
         d,
         "a.qcow2",
@@ -43,10 +37,8 @@ async fn plain_64k_clusters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_sizes_and_compat() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tmp();
+    skip_without_qemu!();
+    let t = temp_dir();
     let d = t.path();
     for (i, opts) in [
         "cluster_size=512",
@@ -59,10 +51,7 @@ async fn cluster_sizes_and_compat() {
     .enumerate()
     {
         let name = format!("c{i}.qcow2");
-        qemu_img(
-            d,
-            &["create", "-q", "-f", "qcow2", "-o", opts, &name, "9000k"],
-        );
+        create_qcow2(d, &name, "9000k", opts, None);
         qemu_io(
             d,
             &name,
@@ -79,12 +68,10 @@ async fn cluster_sizes_and_compat() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_virtual_size_rounds_up() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tmp();
+    skip_without_qemu!();
+    let t = temp_dir();
     let d = t.path();
-    qemu_img(d, &["create", "-q", "-f", "qcow2", "a.qcow2", "1000"]);
+    create_qcow2(d, "a.qcow2", "1000", "", None);
     let img = open(d, "a.qcow2", &OpenOptions::default()).await;
     assert_eq!(img.virtual_size(), 1024);
     std::fs::write(d.join("r.raw"), vec![7u8; 1000]).unwrap();
@@ -96,10 +83,8 @@ async fn odd_virtual_size_rounds_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_deep_chain_with_raw_base_and_subdir() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tmp();
+    skip_without_qemu!();
+    let t = temp_dir();
     let d = t.path();
     std::fs::create_dir(d.join("sub")).unwrap();
     // Raw base of 3 MiB + 1000 bytes (not a multiple of 512).
@@ -108,41 +93,13 @@ async fn three_deep_chain_with_raw_base_and_subdir() {
         *b = (i % 251) as u8 + 1;
     }
     std::fs::write(d.join("sub/base.raw"), &base).unwrap();
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            "sub/mid.qcow2",
-            "2M",
-        ],
-    );
+    create_qcow2(d, "sub/mid.qcow2", "2M", "", Some(("base.raw", "raw")));
     qemu_io(
         d,
         "sub/mid.qcow2",
         &["write -P 0x71 64k 64k", "write -z 1M 64k"],
     );
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "sub/mid.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-            "5M",
-        ],
-    );
+    create_qcow2(d, "top.qcow2", "5M", "", Some(("sub/mid.qcow2", "qcow2")));
     qemu_io(
         d,
         "top.qcow2",
@@ -171,10 +128,8 @@ async fn three_deep_chain_with_raw_base_and_subdir() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_zlib_and_zstd() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tmp();
+    skip_without_qemu!();
+    let t = temp_dir();
     let d = t.path();
     let mut src = vec![0u8; 6 << 20];
     for (i, b) in src.iter_mut().enumerate() {
@@ -211,28 +166,17 @@ async fn compressed_zlib_and_zstd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn extended_l2_over_backing() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tmp();
+    skip_without_qemu!();
+    let t = temp_dir();
     let d = t.path();
-    qemu_img(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"]);
+    create_qcow2(d, "base.qcow2", "4M", "", None);
     qemu_io(d, "base.qcow2", &["write -P 0x10 0 4M"]);
-    qemu_img(
+    create_qcow2(
         d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on,cluster_size=64k",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "x.qcow2",
-        ],
+        "x.qcow2",
+        "",
+        "extended_l2=on,cluster_size=64k",
+        Some(("base.qcow2", "qcow2")),
     );
     qemu_io(
         d,
@@ -248,19 +192,7 @@ async fn extended_l2_over_backing() {
         ],
     );
     assert_same_as_qemu(d, "x.qcow2").await;
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on,cluster_size=1M",
-            "y.qcow2",
-            "4M",
-        ],
-    );
+    create_qcow2(d, "y.qcow2", "4M", "extended_l2=on,cluster_size=1M", None);
     qemu_io(
         d,
         "y.qcow2",
@@ -271,14 +203,12 @@ async fn extended_l2_over_backing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_data_files() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tmp();
+    skip_without_qemu!();
+    let t = temp_dir();
     let d = t.path();
     for (name, raw) in [("d0.qcow2", "off"), ("d1.qcow2", "on")] {
         let o = format!("data_file={name}.data,data_file_raw={raw}");
-        qemu_img(d, &["create", "-q", "-f", "qcow2", "-o", &o, name, "3M"]);
+        create_qcow2(d, name, "3M", &o, None);
         qemu_io(
             d,
             name,
@@ -309,27 +239,13 @@ async fn external_data_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prealloc_metadata_and_snapshot() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tmp();
+    skip_without_qemu!();
+    let t = temp_dir();
     let d = t.path();
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "preallocation=metadata",
-            "p.qcow2",
-            "8M",
-        ],
-    );
+    create_qcow2(d, "p.qcow2", "8M", "preallocation=metadata", None);
     qemu_io(d, "p.qcow2", &["write -P 0x51 1M 64k"]);
     assert_same_as_qemu(d, "p.qcow2").await;
-    qemu_img(d, &["create", "-q", "-f", "qcow2", "s.qcow2", "4M"]);
+    create_qcow2(d, "s.qcow2", "4M", "", None);
     qemu_io(d, "s.qcow2", &["write -P 0x61 0 1M"]);
     qemu_img(d, &["snapshot", "-c", "snap1", "s.qcow2"]);
     qemu_img(d, &["snapshot", "-c", "second", "s.qcow2"]);
@@ -348,29 +264,15 @@ async fn prealloc_metadata_and_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dirty_image_reads_as_is_and_small_cache() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tmp();
+    skip_without_qemu!();
+    let t = temp_dir();
     let d = t.path();
-    qemu_img(
+    create_qcow2(d, "l.qcow2", "4M", "lazy_refcounts=on", None);
+    let out = qcow2_testkit::run(
         d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on",
-            "l.qcow2",
-            "4M",
-        ],
+        "qemu-io",
+        &qcow2_testkit::qemu_io_args(&[], "l.qcow2", &["write -P 0x5a 0 1M", "abort"]),
     );
-    let out = std::process::Command::new("qemu-io")
-        .args(["-c", "write -P 0x5a 0 1M", "-c", "abort", "l.qcow2"])
-        .current_dir(d)
-        .output()
-        .unwrap();
     assert!(!out.status.success());
     let img = open(d, "l.qcow2", &OpenOptions::default()).await;
     assert!(img.info().dirty);
@@ -388,19 +290,7 @@ async fn dirty_image_reads_as_is_and_small_cache() {
     );
 
     // Hundreds of L2 tables (512 B clusters: one L2 table maps 32 KiB) with a tiny cache.
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            "m.qcow2",
-            "16M",
-        ],
-    );
+    create_qcow2(d, "m.qcow2", "16M", "cluster_size=512", None);
     let cmds: Vec<String> = (0..300)
         .map(|i| format!("write -P {} {}k 512", i % 200 + 1, i * 53))
         .collect();
@@ -420,18 +310,11 @@ async fn dirty_image_reads_as_is_and_small_cache() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_bit_and_loops() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tmp();
+    skip_without_qemu!();
+    let t = temp_dir();
     let d = t.path();
-    qemu_img(d, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
-    qemu_img(
-        d,
-        &[
-            "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2",
-        ],
-    );
+    create_qcow2(d, "a.qcow2", "1M", "", None);
+    create_qcow2(d, "b.qcow2", "", "", Some(("a.qcow2", "qcow2")));
     // Make a.qcow2 point at b.qcow2: a loop.
     qemu_img(
         d,
@@ -446,7 +329,7 @@ async fn corrupt_bit_and_loops() {
     assert!(matches!(e, Error::BackingLoop { .. }), "{e}");
 
     // Set the corrupt bit (incompatible features, byte 79 bit 1).
-    qemu_img(d, &["create", "-q", "-f", "qcow2", "c.qcow2", "1M"]);
+    create_qcow2(d, "c.qcow2", "1M", "", None);
     let mut bytes = std::fs::read(d.join("c.qcow2")).unwrap();
     bytes[79] |= 2;
     std::fs::write(d.join("c.qcow2"), &bytes).unwrap();
@@ -465,10 +348,8 @@ async fn corrupt_bit_and_loops() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v2_with_backing_sparse_raw_base_and_direct_io() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tmp();
+    skip_without_qemu!();
+    let t = temp_dir();
     let d = t.path();
     // A sparse raw base: data at 1 MiB and at the end, holes elsewhere.
     let f = std::fs::File::create(d.join("base.raw")).unwrap();
@@ -479,22 +360,7 @@ async fn v2_with_backing_sparse_raw_base_and_direct_io() {
         "base.raw",
         &["write -P 0x31 1M 192k", "write -P 0x32 6000k 144k"],
     );
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            "v2.qcow2",
-        ],
-    );
+    create_qcow2(d, "v2.qcow2", "", "compat=0.10", Some(("base.raw", "raw")));
     qemu_io(
         d,
         "v2.qcow2",
@@ -518,12 +384,10 @@ async fn v2_with_backing_sparse_raw_base_and_direct_io() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_sparse_disk_maps_quickly() {
-    if !have_qemu() {
-        return;
-    }
-    let t = tmp();
+    skip_without_qemu!();
+    let t = temp_dir();
     let d = t.path();
-    qemu_img(d, &["create", "-q", "-f", "qcow2", "h.qcow2", "100T"]);
+    create_qcow2(d, "h.qcow2", "100T", "", None);
     qemu_io(
         d,
         "h.qcow2",

@@ -12,7 +12,7 @@ use qcow2_io::StdFileBackend;
 
 /// A chain: compressed zstd base (64 KiB clusters) <- overlay with extended L2 and scattered writes.
 struct Fixture {
-    _dir: tempfile::TempDir,
+    _dir: qcow2_testkit::TempDir,
     top: PathBuf,
     expected: Vec<u8>,
 }
@@ -20,10 +20,8 @@ struct Fixture {
 fn fixture() -> Option<&'static Fixture> {
     static F: OnceLock<Option<Fixture>> = OnceLock::new();
     F.get_or_init(|| {
-        if !have_qemu() {
-            return None;
-        }
-        let dir = tempfile::tempdir().unwrap();
+        skip_without_qemu!(None);
+        let dir = temp_dir();
         let d = dir.path();
         let mut src = vec![0u8; 8 << 20];
         for (i, b) in src.iter_mut().enumerate() {
@@ -46,22 +44,12 @@ fn fixture() -> Option<&'static Fixture> {
                 "base.qcow2",
             ],
         );
-        qemu_img(
+        create_qcow2(
             d,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "extended_l2=on",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                "top.qcow2",
-                "9M",
-            ],
+            "top.qcow2",
+            "9M",
+            "extended_l2=on",
+            Some(("base.qcow2", "qcow2")),
         );
         let mut cmds = Vec::new();
         for i in 0..60u64 {

@@ -311,24 +311,13 @@ pub fn subcluster_state(
         });
     }
     let Some(bm) = bitmap else {
-        return Ok(match *entry {
-            L2Entry::Unallocated => SubclusterState::UnallocatedPlain,
-            L2Entry::Zero {
-                preallocated: None, ..
-            } => SubclusterState::ZeroPlain,
-            L2Entry::Zero {
-                preallocated: Some(host),
-                ..
-            } => SubclusterState::ZeroAlloc { host },
-            L2Entry::Normal { host, .. } => SubclusterState::Normal { host },
-            L2Entry::Compressed(d) => SubclusterState::Compressed(d),
-        });
+        return Ok(cluster_state(entry));
     };
     let raw_for_err = entry_raw_hint(entry);
     validate_bitmap(entry, bitmap, raw_for_err)?;
     let bit = 1u32 << sc;
     Ok(match *entry {
-        L2Entry::Compressed(d) => SubclusterState::Compressed(d),
+        L2Entry::Compressed(_) => cluster_state(entry),
         L2Entry::Normal { host, .. } => {
             if bm.zero & bit != 0 {
                 SubclusterState::ZeroAlloc { host }
@@ -347,6 +336,15 @@ pub fn subcluster_state(
         }
         // Not produced by the decoder with extended L2 (the zero flag is unused there); treat a
         // hand-made value by its zero semantics.
+        L2Entry::Zero { .. } => cluster_state(entry),
+    })
+}
+
+/// The state of every subcluster of `entry` when no subcluster bitmap applies (standard L2 entries,
+/// and the compressed and zero entries of extended L2, which the bitmap does not refine).
+fn cluster_state(entry: &L2Entry) -> SubclusterState {
+    match *entry {
+        L2Entry::Unallocated => SubclusterState::UnallocatedPlain,
         L2Entry::Zero {
             preallocated: None, ..
         } => SubclusterState::ZeroPlain,
@@ -354,7 +352,9 @@ pub fn subcluster_state(
             preallocated: Some(host),
             ..
         } => SubclusterState::ZeroAlloc { host },
-    })
+        L2Entry::Normal { host, .. } => SubclusterState::Normal { host },
+        L2Entry::Compressed(d) => SubclusterState::Compressed(d),
+    }
 }
 
 /// The state of subcluster `first` and the number of consecutive subclusters from `first` to

@@ -4,7 +4,6 @@
 //! bytes back.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use qcow2_format::compressed::decompress;
 use qcow2_format::extensions::qemu_feature_table;
@@ -14,29 +13,16 @@ use qcow2_format::l1::{parse_l1_table, L1Entry};
 use qcow2_format::l2::{decode_l2_with, subcluster_state, SubclusterState};
 use qcow2_format::refcount::{decode_reftable_entry, get_refcount, parse_reftable};
 use qcow2_format::snapshot::{parse_snapshot_table, serialize_snapshot_table};
+use qcow2_testkit::{create_qcow2, qemu_img};
 
-fn have_qemu() -> bool {
-    Command::new("qemu-img").arg("--version").output().is_ok()
-}
-
-fn run(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd).args(args).output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
+/// `qemu-io -f qcow2 -c CMD... IMG`.
 fn qemu_io(img: &Path, cmds: &[&str]) {
-    let mut args = vec!["-f", "qcow2"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    let p = img.to_str().unwrap();
-    args.push(p);
-    run("qemu-io", &args);
+    qcow2_testkit::qemu_io(cwd(img), &["-f", "qcow2"], s(img), cmds);
+}
+
+/// The directory holding `img`, as the working directory of the tools.
+fn cwd(img: &Path) -> &Path {
+    img.parent().unwrap_or(Path::new("."))
 }
 
 /// A deterministic mix of compressible and incompressible data.
@@ -117,25 +103,10 @@ fn read_guest(path: &Path) -> (ImageHeader, Vec<u8>) {
     (ih, out)
 }
 
-fn qemu_raw(img: &Path, dir: &Path) -> Vec<u8> {
-    let raw = dir.join("qemu-out.raw");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-O",
-            "raw",
-            img.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    );
-    std::fs::read(raw).unwrap()
-}
-
 /// Checks our reading against QEMU's and the header round trip against QEMU's bytes.
 fn check(img: &Path, dir: &Path) -> ImageHeader {
     let (ih, ours) = read_guest(img);
-    let theirs = qemu_raw(img, dir);
+    let theirs = qcow2_testkit::qemu_img_raw(dir, s(img), None);
     assert!(ours == theirs, "guest data differs for {}", img.display());
     let file = std::fs::read(img).unwrap();
     let cs = ih.cluster_size() as usize;
@@ -169,29 +140,22 @@ fn check(img: &Path, dir: &Path) -> ImageHeader {
     ih
 }
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap()
-}
-
 fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+    qcow2_testkit::path_str(p)
 }
 
 #[test]
 fn compressed_images() {
-    if !have_qemu() {
-        eprintln!("qemu-img not found: skipped");
-        return;
-    }
-    let d = tmp();
+    qcow2_testkit::skip_without_qemu!();
+    let d = qcow2_testkit::temp_dir();
     let src = d.path().join("src.raw");
     std::fs::write(&src, pattern(6 << 20, 7)).unwrap();
     for ct in ["zlib", "zstd"] {
         for cs in ["512", "4k", "64k", "2M"] {
             let img = d.path().join(format!("c-{ct}-{cs}.qcow2"));
             let opts = format!("cluster_size={cs},compression_type={ct}");
-            run(
-                "qemu-img",
+            qemu_img(
+                d.path(),
                 &[
                     "convert",
                     "-c",
@@ -216,11 +180,8 @@ fn compressed_images() {
 
 #[test]
 fn refcount_widths_and_versions() {
-    if !have_qemu() {
-        eprintln!("qemu-img not found: skipped");
-        return;
-    }
-    let d = tmp();
+    qcow2_testkit::skip_without_qemu!();
+    let d = qcow2_testkit::temp_dir();
     for (compat, rb, cs) in [
         ("0.10", 16, "512"),
         ("0.10", 16, "64k"),
@@ -233,10 +194,7 @@ fn refcount_widths_and_versions() {
     ] {
         let img = d.path().join(format!("r-{compat}-{rb}-{cs}.qcow2"));
         let opts = format!("compat={compat},refcount_bits={rb},cluster_size={cs}");
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "5M"],
-        );
+        create_qcow2(d.path(), s(&img), "5M", &opts, None);
         qemu_io(
             &img,
             &[
@@ -255,18 +213,12 @@ fn refcount_widths_and_versions() {
 
 #[test]
 fn extended_l2_subclusters() {
-    if !have_qemu() {
-        eprintln!("qemu-img not found: skipped");
-        return;
-    }
-    let d = tmp();
+    qcow2_testkit::skip_without_qemu!();
+    let d = qcow2_testkit::temp_dir();
     for cs in ["16k", "64k", "2M"] {
         let img = d.path().join(format!("x-{cs}.qcow2"));
         let opts = format!("extended_l2=on,cluster_size={cs}");
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "8M"],
-        );
+        create_qcow2(d.path(), s(&img), "8M", &opts, None);
         qemu_io(
             &img,
             &[
@@ -286,20 +238,14 @@ fn extended_l2_subclusters() {
 
 #[test]
 fn data_files_snapshots_dirty_prealloc() {
-    if !have_qemu() {
-        eprintln!("qemu-img not found: skipped");
-        return;
-    }
-    let d = tmp();
+    qcow2_testkit::skip_without_qemu!();
+    let d = qcow2_testkit::temp_dir();
     // External data file, raw and not.
     for raw in ["on", "off"] {
         let img = d.path().join(format!("df-{raw}.qcow2"));
         let data: PathBuf = d.path().join(format!("df-{raw}.data"));
         let opts = format!("data_file={},data_file_raw={raw}", s(&data));
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "3M"],
-        );
+        create_qcow2(d.path(), s(&img), "3M", &opts, None);
         qemu_io(&img, &["write -P 0x44 0 100k", "write -z 1M 64k"]);
         let ih = check(&img, d.path());
         assert_eq!(ih.data_file(), Some(s(&data)));
@@ -307,11 +253,11 @@ fn data_files_snapshots_dirty_prealloc() {
     }
     // Internal snapshot, overwritten afterwards.
     let img = d.path().join("snap.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "2M"]);
+    create_qcow2(d.path(), s(&img), "2M", "", None);
     qemu_io(&img, &["write -P 0x55 0 200k"]);
-    run("qemu-img", &["snapshot", "-c", "first snap", s(&img)]);
+    qemu_img(d.path(), &["snapshot", "-c", "first snap", s(&img)]);
     qemu_io(&img, &["write -P 0x66 64k 64k"]);
-    run("qemu-img", &["snapshot", "-c", "second", s(&img)]);
+    qemu_img(d.path(), &["snapshot", "-c", "second", s(&img)]);
     let ih = check(&img, d.path());
     let file = std::fs::read(&img).unwrap();
     let off = ih.header.snapshots_offset as usize;
@@ -327,66 +273,24 @@ fn data_files_snapshots_dirty_prealloc() {
     );
     // Dirty lazy-refcounts image.
     let img = d.path().join("dirty.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on",
-            s(&img),
-            "2M",
-        ],
+    create_qcow2(d.path(), s(&img), "2M", "lazy_refcounts=on", None);
+    // qemu-io exits with an error after `abort`; only the image it leaves matters.
+    let _ = qcow2_testkit::run(
+        d.path(),
+        "qemu-io",
+        &qcow2_testkit::qemu_io_args(&["-f", "qcow2"], s(&img), &["write -P 0x77 0 64k", "abort"]),
     );
-    let _ = Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x77 0 64k",
-            "-c",
-            "abort",
-            s(&img),
-        ])
-        .output();
     let (ih, _) = read_guest(&img);
     assert!(ih.is_dirty() && ih.lazy_refcounts());
     // Metadata preallocation.
     let img = d.path().join("prealloc.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "preallocation=metadata",
-            s(&img),
-            "3M",
-        ],
-    );
+    create_qcow2(d.path(), s(&img), "3M", "preallocation=metadata", None);
     check(&img, d.path());
     // Backing file and format.
     let base = d.path().join("base.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "1M"]);
+    create_qcow2(d.path(), s(&base), "1M", "", None);
     let top = d.path().join("top.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            s(&top),
-        ],
-    );
+    create_qcow2(d.path(), s(&top), "", "", Some(("base.qcow2", "qcow2")));
     let file = std::fs::read(&top).unwrap();
     let ih = ImageHeader::parse(&file[..65536]).unwrap();
     assert_eq!(ih.backing_file(), Some("base.qcow2"));

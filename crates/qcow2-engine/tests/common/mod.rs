@@ -1,72 +1,20 @@
 //! Helpers for the engine's oracle tests: run qemu-img / qemu-io, compare against their output.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use qcow2_engine::{Image, OpenOptions};
 use qcow2_io::StdFileBackend;
+pub use qcow2_testkit::{create_qcow2, qemu_img, qemu_map_json, skip_without_qemu, temp_dir};
 
-/// Whether qemu-img and qemu-io are installed (tests are skipped otherwise).
-pub fn have_qemu() -> bool {
-    let ok = |c: &str| {
-        Command::new(c)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    };
-    if ok("qemu-img") && ok("qemu-io") {
-        true
-    } else {
-        eprintln!("qemu-img/qemu-io not installed: skipping");
-        false
-    }
-}
-
-/// Runs a command in `dir`, panicking with its output on failure.
-pub fn run(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `qemu-img ARGS` in `dir`.
-pub fn qemu_img(dir: &Path, args: &[&str]) -> String {
-    run(dir, "qemu-img", args)
-}
-
-/// `qemu-io -c CMD1 -c CMD2 ... IMG` in `dir` (format given explicitly where needed by the caller).
+/// `qemu-io -c CMD1 -c CMD2 ... IMG` in `dir` (the format is probed).
 pub fn qemu_io(dir: &Path, img: &str, cmds: &[&str]) {
-    let mut args: Vec<&str> = Vec::new();
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(img);
-    run(dir, "qemu-io", &args);
+    qcow2_testkit::qemu_io(dir, &[], img, cmds);
 }
 
-/// The raw contents of `img` as `qemu-img convert -O raw` produces them.
+/// The raw contents of `img` as `qemu-img convert -O raw` produces them (the format is probed).
 pub fn qemu_raw(dir: &Path, img: &str) -> Vec<u8> {
-    let out: PathBuf = dir.join("__oracle.raw");
-    let _ = std::fs::remove_file(&out);
-    qemu_img(dir, &["convert", "-O", "raw", img, out.to_str().unwrap()]);
-    let mut v = std::fs::read(&out).unwrap();
-    let _ = std::fs::remove_file(&out);
-    // qemu-img convert truncates to the virtual size; a sparse tail is included by the length.
-    let size = v.len();
-    v.resize(size, 0);
-    v
+    qcow2_testkit::qemu_img_raw(dir, img, None)
 }
 
 /// Opens `img` (relative to `dir`) with the std backend.
@@ -121,9 +69,8 @@ pub type MapEntry = (u64, u64, u64, bool, bool, bool, bool, Option<u64>);
 
 /// `qemu-img map --output=json` of `img`.
 pub fn qemu_map(dir: &Path, img: &str) -> Vec<MapEntry> {
-    let out = qemu_img(dir, &["map", "--output=json", img]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v.as_array()
+    qemu_map_json(dir, img)
+        .as_array()
         .unwrap()
         .iter()
         .map(|e| {
