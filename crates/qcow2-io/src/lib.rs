@@ -5,7 +5,7 @@
 //! space-management calls (`zero_range`, `punch_hole`, `set_len`).
 //!
 //! Implementations:
-//! - [`StdFileBackend`]: blocking positioned I/O run off the runtime threads (`spawn_blocking`); works on
+//! - [`StdFileBackend`]: blocking positioned I/O run off the runtime threads (an I/O thread pool); works on
 //!   any Tokio runtime, multi-threaded included. Its futures are `Send`.
 //! - [`UringBackend`]: io_uring through tokio-uring; only inside a tokio-uring runtime
 //!   (current-thread, thread-per-core). Its futures are not `Send`.
@@ -29,6 +29,7 @@ use bytes::{Bytes, BytesMut};
 pub mod aligned;
 pub mod local;
 pub mod memory;
+mod pool;
 pub mod std_file;
 mod sys;
 pub mod uring;

@@ -63,6 +63,32 @@ pub(crate) fn pread_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result
     Ok(done)
 }
 
+/// One `preadv2(RWF_NOWAIT)` into `buf` at `offset`: reads only what the page cache holds, never
+/// waiting for the disk. Returns the bytes read (0 at or past the end of the file); fails with `EAGAIN`
+/// when the first page is not cached, and with `EOPNOTSUPP`/`ENOSYS`/`EINVAL` where the kernel or file
+/// system does not support the flag. `EINTR` is returned as is (the caller falls back to a blocking read).
+pub(crate) fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let off = libc::off_t::try_from(offset).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("offset {offset} too large"),
+        )
+    })?;
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast::<libc::c_void>(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: the one iovec points at `buf`, a live, exclusively borrowed slice of exactly `iov_len`
+    // bytes, for the whole (synchronous) call; the kernel writes at most that many bytes into it. The
+    // file descriptor stays open while `file` is borrowed.
+    let ret = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // ret >= 0 and at most buf.len().
+    Ok(usize::try_from(ret).unwrap_or(0).min(buf.len()))
+}
+
 /// Like [`pread_full`] for `O_DIRECT` files, where `offset` and `buf` are block-aligned: stops at the
 /// first read that is not a whole number of `align` blocks (the end of the file), since the next read
 /// would start at an unaligned offset.
