@@ -7,12 +7,12 @@ use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use qcow2_engine::{Image, ImageFormat, ImageInfo, OpenOptions};
 use qcow2_io::{Backend, BackendOpen, OpenFlags};
 
 use crate::args::{self, BenchArgs, CompareArgs, ConvertArgs, InfoArgs, MapArgs, Output};
-use crate::bench::{self, BenchParams};
+use crate::bench::{self, BenchParams, BenchTarget};
 use crate::compare;
 use crate::convert::{self, ConvertOptions};
 use crate::error::CliError;
@@ -58,6 +58,30 @@ impl<B: Backend> BlockSource for EngineSource<B> {
                 offset,
                 reason: e.to_string(),
             })
+    }
+}
+
+impl<B: Backend> EngineSource<B> {
+    /// [`Image::read_owned`] with the CLI's read error.
+    async fn read_buf(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, CliError> {
+        self.image
+            .read_owned(offset, buf)
+            .await
+            .map_err(|e| CliError::Read {
+                path: self.name().to_string(),
+                offset,
+                reason: e.to_string(),
+            })
+    }
+}
+
+impl<B: Backend> BenchTarget for EngineSource<B> {
+    fn size(&self) -> u64 {
+        self.image.virtual_size()
+    }
+
+    async fn read_owned(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, CliError> {
+        self.read_buf(offset, buf).await
     }
 }
 
@@ -580,13 +604,13 @@ pub async fn bench_threads(a: &BenchArgs, plan: &BenchPlan) -> Result<i32, CliEr
         let next = Arc::clone(&next);
         tasks.spawn(async move {
             // bufsize <= i32::MAX and depth * bufsize <= 4 GiB were checked by bench_plan.
-            let mut buf = vec![0u8; p.bufsize as usize];
+            let mut buf = qcow2_io::aligned::aligned_bytes_mut(p.bufsize as usize);
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= p.count {
                     return Ok::<(), CliError>(());
                 }
-                src.read(bench::offset_of(p, size, i), &mut buf).await?;
+                buf = src.read_buf(bench::offset_of(p, size, i), buf).await?;
             }
         });
     }

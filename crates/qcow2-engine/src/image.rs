@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use qcow2_io::{Backend, BackendOpen};
 
 use crate::error::{Error, Result};
@@ -126,6 +127,18 @@ impl<B: Backend> Image<B> {
     /// chain, or as zeros.
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         crate::read::read(self, offset, buf).await
+    }
+
+    /// Reads `buf.len()` bytes of the virtual disk at `offset` into the owned buffer `buf` and hands it
+    /// back filled; same semantics and range rules as [`Image::read`].
+    ///
+    /// When the request maps to one host-contiguous run of data in one image of the chain (the usual
+    /// case for requests within a cluster), `buf` itself is given to the backend, saving the copy that
+    /// [`Image::read`] makes from the backend's buffer into the caller's slice. With `O_DIRECT`, pass a
+    /// buffer aligned to `qcow2_io::DIRECT_ALIGN` (see `qcow2_io::aligned::aligned_bytes_mut`) so that
+    /// aligned requests are not bounced either. On error the buffer is dropped.
+    pub async fn read_owned(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
+        crate::read::read_owned(self, offset, buf).await
     }
 
     /// The status of the range starting at `offset`, at most `max_len` bytes (see [`BlockStatus`]), with

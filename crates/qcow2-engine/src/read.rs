@@ -10,6 +10,7 @@
 //! Locking: the lookup takes the layer's metadata mutex briefly (and reads a missing L2 slice under
 //! it); every data read runs without it, and the data reads of one batch run concurrently.
 
+use bytes::BytesMut;
 use futures::future::try_join_all;
 use qcow2_format::compressed::decompress;
 use qcow2_format::types::{GuestOffset, HostOffset};
@@ -94,6 +95,75 @@ pub(crate) async fn read<B: Backend>(top: &Image<B>, offset: u64, buf: &mut [u8]
         depth += 1;
     }
     Ok(())
+}
+
+/// Reads `buf.len()` bytes at `offset` from the chain topped by `top` into `buf` and hands it back.
+///
+/// The fast path, for the common request that lies in one run of the disk: walking down the chain while
+/// the whole request is unallocated, the first layer that has it all as host-contiguous data (or any
+/// raw layer) gets `buf` itself for its one host read, so nothing is copied (and with `O_DIRECT` an
+/// aligned `buf` goes straight to the kernel); all zeros are filled in place. Anything else (a request
+/// split between kinds, compressed data, a shorter backing image) goes through [`read`] from the layer
+/// where the walk stopped, which costs a second lookup of the first slice there.
+pub(crate) async fn read_owned<B: Backend>(
+    top: &Image<B>,
+    offset: u64,
+    mut buf: BytesMut,
+) -> Result<BytesMut> {
+    let size = top.virtual_size();
+    let len = buf.len() as u64;
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(Error::OutOfRange { offset, len, size });
+    }
+    if buf.is_empty() {
+        return Ok(buf);
+    }
+    let mut img = top;
+    let from = loop {
+        // Checked above for the top; a shorter backing image goes the general way, from the top (which
+        // fills the part beyond its end with zeros).
+        if offset + len > img.virtual_size() {
+            break top;
+        }
+        match &img.inner.layer {
+            Layer::Raw(r) => {
+                // Past the real end of the file the backend zero-fills, as `RawLayer::read` reads.
+                let (res, buf) = r.file.read_at(buf, offset).await;
+                res.map_err(Error::io(&r.name, "read", offset))?;
+                return Ok(buf);
+            }
+            Layer::Qcow2(q) => {
+                let extents = q.map(offset, len).await?;
+                let [e] = extents.as_slice() else { break img };
+                if e.len != len {
+                    break img;
+                }
+                match e.kind {
+                    Kind::Data { host } => {
+                        let (backend, name) = q.data_backend();
+                        let (res, buf) = backend.read_at(buf, host.0).await;
+                        res.map_err(Error::io(name, "read data", host.0))?;
+                        return Ok(buf);
+                    }
+                    Kind::Zero { .. } => {
+                        buf.fill(0);
+                        return Ok(buf);
+                    }
+                    Kind::Unallocated { .. } => match img.backing() {
+                        Some(next) => img = next,
+                        None => {
+                            buf.fill(0);
+                            return Ok(buf);
+                        }
+                    },
+                    Kind::Compressed { .. } => break img,
+                }
+            }
+        }
+    };
+    // The layers above `from` leave the whole request unallocated, so reading from `from` is the same.
+    read(from, offset, &mut buf).await?;
+    Ok(buf)
 }
 
 /// Reads the pieces `items` from the raw layer `r`, concurrently.
