@@ -21,8 +21,10 @@ secs() { sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p'; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 printf '%-40s %10s %10s %8s\n' "configuration" "qemu-img" "qcow2" "ratio"
-for flags in "-d 32 -s 4096 -t none -i io_uring" "-d 32 -s 4096 -t writeback -i threads" \
-             "-d 32 -s 65536 -t none -i io_uring" "-d 1 -s 4096 -t writeback -i threads"; do
+for flags in "-d 32 -s 4096 -t none -i io_uring" "-d 32 -s 4096 -t writeback -i io_uring" \
+             "-d 32 -s 4096 -t none -i threads" "-d 32 -s 4096 -t writeback -i threads" \
+             "-d 32 -s 65536 -t none -i io_uring" "-d 32 -s 65536 -t writeback -i threads" \
+             "-d 1 -s 4096 -t writeback -i threads"; do
   q=(); o=()
   for _ in $(seq "$ROUNDS"); do
     # shellcheck disable=SC2086
