@@ -30,6 +30,7 @@ pub mod aligned;
 pub mod local;
 pub mod memory;
 mod pool;
+mod rmw;
 pub mod std_file;
 mod sys;
 pub mod uring;

@@ -110,7 +110,7 @@ fn warn_fallback(reason: &str) {
 pub enum LocalBackend {
     /// io_uring through tokio-uring.
     Uring(UringBackend),
-    /// Blocking I/O on Tokio's blocking pool.
+    /// Blocking I/O on the crate's I/O thread pool (the std backend).
     Std(StdFileBackend),
 }
 

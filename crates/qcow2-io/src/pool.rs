@@ -20,7 +20,9 @@ pub(crate) const MAX_THREADS: usize = 64;
 /// How long an idle worker waits for work before it exits.
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Job = Box<dyn FnOnce() + Send + 'static>;
+/// A queued job. Called with `None` to run it; with `Some(error)` to abandon it because no worker
+/// thread could be started (it then reports that error to its caller instead of running).
+type Job = Box<dyn FnOnce(Option<&io::Error>) + Send + 'static>;
 
 #[derive(Default)]
 struct State {
@@ -77,9 +79,17 @@ impl Pool {
             let mut st = self.lock();
             st.threads -= 1;
             if st.threads == 0 {
-                // Nobody would ever run the queued jobs: drop them (their callers see an error).
-                st.jobs.clear();
-                return Err(e);
+                // Nobody would ever run the queued jobs (ours and any other caller's queued since):
+                // abandon them, each telling its caller that no I/O thread could be started.
+                let abandoned = std::mem::take(&mut st.jobs);
+                drop(st);
+                for job in abandoned {
+                    job(Some(&e));
+                }
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot start an I/O thread: {e}"),
+                ));
             }
         }
         Ok(())
@@ -91,7 +101,7 @@ impl Pool {
             if let Some(job) = st.jobs.pop_front() {
                 drop(st);
                 // A panicking job drops its result sender, which its caller sees as an error.
-                let _ = catch_unwind(AssertUnwindSafe(job));
+                let _ = catch_unwind(AssertUnwindSafe(|| job(None)));
                 st = self.lock();
                 continue;
             }
@@ -114,18 +124,35 @@ impl Pool {
     }
 }
 
+/// Wraps `f` as a [`Job`] whose result (or, when abandoned, the reason) arrives on the receiver.
+fn make_job<T, F>(f: F) -> (Job, tokio::sync::oneshot::Receiver<io::Result<T>>)
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel::<io::Result<T>>();
+    let job: Job = Box::new(move |abandon: Option<&io::Error>| {
+        let _ = tx.send(match abandon {
+            None => Ok(f()),
+            Some(e) => Err(io::Error::new(
+                e.kind(),
+                format!("blocking I/O job not run: no I/O thread could be started: {e}"),
+            )),
+        });
+    });
+    (job, rx)
+}
+
 /// Runs `f` on the pool and waits (asynchronously) for its result.
 pub(crate) async fn run<T, F>(f: F) -> io::Result<T>
 where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    pool().submit(Box::new(move || {
-        let _ = tx.send(f());
-    }))?;
+    let (job, rx) = make_job(f);
+    pool().submit(job)?;
     rx.await
-        .map_err(|_| io::Error::other("blocking I/O job did not complete (it panicked)"))
+        .map_err(|_| io::Error::other("blocking I/O job did not complete (it panicked)"))?
 }
 
 #[cfg(test)]
@@ -146,6 +173,20 @@ mod tests {
             assert!(r.is_err());
             assert_eq!(run(|| 7).await.unwrap(), 7);
         });
+    }
+
+    #[test]
+    fn abandoned_job_says_no_thread_could_start() {
+        let (job, mut rx) = make_job(|| 1u8);
+        job(Some(&io::Error::from_raw_os_error(libc::EAGAIN)));
+        let err = rx.try_recv().unwrap().unwrap_err();
+        assert!(
+            err.to_string().contains("no I/O thread could be started"),
+            "{err}"
+        );
+        let (job, mut rx) = make_job(|| 2u8);
+        job(None);
+        assert_eq!(rx.try_recv().unwrap().unwrap(), 2);
     }
 
     /// Awaits all futures (spawned as tasks so that they run concurrently).

@@ -25,7 +25,8 @@ use std::sync::{Arc, RwLock};
 
 use bytes::{Bytes, BytesMut};
 
-use crate::aligned::{is_direct_ready, AlignedBuf, AlignedRange, DIRECT_ALIGN, DIRECT_ALIGN_U64};
+use crate::aligned::{is_direct_ready, AlignedBuf, AlignedRange, DIRECT_ALIGN};
+use crate::rmw::{self, DirectWrite};
 use crate::sys::{self, check_range, len64};
 use crate::{Backend, BackendOpen, HostStatus, OpenFlags};
 
@@ -56,8 +57,8 @@ pub const INLINE_READ_MAX: usize = 256 * 1024;
 /// What [`SyncFile::read_cached`] achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Cached {
-    /// The read is complete: this many bytes came from the file and the rest of the buffer (past the
-    /// end of the file) is zeroed.
+    /// The read is complete: the whole buffer (this many bytes) came from the file. The end of the file
+    /// is never decided here (see [`SyncFile::read_cached`]).
     Done(usize),
     /// This many bytes at the start of the buffer were read; the rest needs a blocking read.
     Partial(usize),
@@ -88,13 +89,15 @@ impl SyncFile {
         }
     }
 
-    /// Reads as much of `buf` at `offset` as the page cache holds without blocking on the disk (the
-    /// fast path of the module docs). Never blocks on I/O, so it may run on a runtime thread.
+    /// Reads as much of `buf` at `offset` as the page cache holds without waiting for the disk (the
+    /// fast path of the module docs), so it may run on a runtime thread. (It does not read the device;
+    /// a buffered read may still do small file-system work such as updating the access time.)
     ///
-    /// Returns [`Cached::Done`] when the whole buffer was read, or the file ended (the rest then
-    /// zeroed, as [`SyncFile::read`] does); [`Cached::Partial`] with the bytes read so far when the
-    /// rest needs a blocking read (page not cached, fast path off or unsupported, buffer too large, or
-    /// any error, which the blocking read then reports). Errors only for a range no file can hold.
+    /// Returns [`Cached::Done`] when the whole buffer was read; [`Cached::Partial`] with the bytes read
+    /// so far when the rest needs a blocking read (page not cached, a read returning 0 bytes, which may
+    /// be the end of the file but is left to the blocking read to decide, fast path off or
+    /// unsupported, buffer too large, or any error, which the blocking read then reports). Errors only
+    /// for a range no file can hold.
     pub(crate) fn read_cached(&self, buf: &mut [u8], offset: u64) -> io::Result<Cached> {
         if !self.nowait.load(Ordering::Relaxed) || buf.len() > INLINE_READ_MAX {
             return Ok(Cached::Partial(0));
@@ -104,10 +107,9 @@ impl SyncFile {
         while done < buf.len() {
             // `offset + done` <= `offset + buf.len()`, checked above.
             match sys::pread_nowait(&self.file, &mut buf[done..], offset + len64(done)) {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    return Ok(Cached::Done(done));
-                }
+                // Maybe the end of the file, but never trusted under RWF_NOWAIT: the blocking read
+                // decides (so a kernel returning 0 early can never leave stale zeros).
+                Ok(0) => return Ok(Cached::Partial(done)),
                 Ok(n) => done += n,
                 Err(e) => {
                     if sys::is_unsupported(&e) {
@@ -148,11 +150,8 @@ impl SyncFile {
 
     /// Writes the parts back to back from `offset`.
     pub(crate) fn write_parts(&self, parts: &[&[u8]], offset: u64) -> io::Result<()> {
-        let total = parts
-            .iter()
-            .try_fold(0usize, |acc, p| acc.checked_add(p.len()))
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "buffers too large"))?;
-        let end = check_range(offset, len64(total))?;
+        let total = rmw::total_len(parts)?;
+        check_range(offset, len64(total))?;
         if total == 0 {
             return Ok(());
         }
@@ -168,61 +167,38 @@ impl SyncFile {
                 return sys::pwrite_all(&self.file, one, offset);
             }
         }
-        let range = AlignedRange::cover(offset, total)?;
-        let mut bounce = AlignedBuf::zeroed(range.len())?;
-        let aligned_ends = range.start == offset && range.end == end;
-        if aligned_ends {
-            copy_parts(bounce.as_mut_slice(), parts);
+        let plan = DirectWrite::plan(offset, total)?;
+        let mut bounce = AlignedBuf::zeroed(plan.span())?;
+        if plan.is_aligned() {
+            rmw::copy_parts(bounce.as_mut_slice(), parts);
             let _shared = self.rmw.read().unwrap_or_else(|e| e.into_inner());
-            return sys::pwrite_all(&self.file, bounce.as_slice(), range.start);
+            return sys::pwrite_all(&self.file, bounce.as_slice(), plan.range.start);
         }
         let _exclusive = self.rmw.write().unwrap_or_else(|e| e.into_inner());
-        let old_len = sys::file_len(&self.file)?;
-        let span = range.len();
-        let head_partial = offset != range.start;
-        if head_partial {
+        let old = sys::host_len(&self.file)?;
+        for (part, at) in plan.reads() {
             sys::pread_direct(
                 &self.file,
-                &mut bounce.as_mut_slice()[..DIRECT_ALIGN],
-                range.start,
+                &mut bounce.as_mut_slice()[part],
+                at,
                 DIRECT_ALIGN,
             )?;
         }
-        let tail_start = range.end - DIRECT_ALIGN_U64;
-        if end != range.end && !(head_partial && tail_start == range.start) {
-            sys::pread_direct(
-                &self.file,
-                &mut bounce.as_mut_slice()[span - DIRECT_ALIGN..],
-                tail_start,
-                DIRECT_ALIGN,
-            )?;
-        }
-        // `offset - range.start` < DIRECT_ALIGN.
-        let skip = (offset - range.start) as usize;
-        copy_parts(&mut bounce.as_mut_slice()[skip..skip + total], parts);
-        sys::pwrite_all(&self.file, bounce.as_slice(), range.start)?;
-        // The aligned write may have extended the file past the requested end: trim it back.
-        let want = old_len.max(end);
-        if range.end > want {
-            self.file.set_len(want)?;
-        }
-        Ok(())
+        rmw::copy_parts(&mut bounce.as_mut_slice()[plan.data.clone()], parts);
+        let n = plan.write_len(old);
+        sys::pwrite_all(&self.file, &bounce.as_slice()[..n], plan.range.start)?;
+        // The aligned write may have extended the file past the requested end: trim it back (never
+        // a block device, whose size is fixed).
+        plan.finish(&self.file, old)
     }
 
     /// Writes `len` zero bytes at `offset` in bounded chunks (the emulation of `fallocate`).
     pub(crate) fn write_zeros(&self, offset: u64, len: u64) -> io::Result<()> {
-        let end = check_range(offset, len)?;
-        let chunk_max = len64(sys::ZERO_CHUNK);
-        let zeros =
-            AlignedBuf::zeroed(sys::ZERO_CHUNK.min(usize::try_from(len).unwrap_or(usize::MAX)))?;
-        let mut pos = offset;
-        while pos < end {
-            // Stop the first chunk at a chunk boundary so that later ones are aligned.
-            let n = (end - pos).min(chunk_max - pos % chunk_max);
+        let chunks = rmw::zero_chunks(offset, len)?;
+        let zeros = AlignedBuf::zeroed(rmw::zero_buf_len(len))?;
+        for (pos, n) in chunks {
             // n <= ZERO_CHUNK and <= len, so it fits the zero buffer.
-            let n = n as usize;
             self.write_parts(&[&zeros.as_slice()[..n]], pos)?;
-            pos += len64(n);
         }
         Ok(())
     }
@@ -253,11 +229,9 @@ impl SyncFile {
 
     /// The emulation of hole punching: zeros written over the part of `[offset, end)` inside the file.
     fn punch_emulated(&self, offset: u64, end: u64) -> io::Result<()> {
-        let end = end.min(sys::file_len(&self.file)?);
-        if offset < end {
-            self.write_zeros(offset, end - offset)
-        } else {
-            Ok(())
+        match rmw::punch_range(offset, end, sys::file_len(&self.file)?) {
+            Some((at, len)) => self.write_zeros(at, len),
+            None => Ok(()),
         }
     }
 
@@ -266,15 +240,14 @@ impl SyncFile {
         self.file.sync_data()
     }
 
-    /// The file length.
+    /// The file length (the device size for a block device).
     pub(crate) fn len(&self) -> io::Result<u64> {
         sys::file_len(&self.file)
     }
 
-    /// `ftruncate`.
+    /// `ftruncate` (a block device only accepts its own size, see [`sys::set_len`]).
     pub(crate) fn set_len(&self, len: u64) -> io::Result<()> {
-        check_range(len, 0)?;
-        self.file.set_len(len)
+        sys::set_len(&self.file, len)
     }
 
     /// `SEEK_DATA`/`SEEK_HOLE` status.
@@ -295,15 +268,6 @@ impl std::fmt::Debug for SyncFile {
             .field("fd", &self.file.as_raw_fd())
             .field("direct", &self.direct)
             .finish()
-    }
-}
-
-/// Copies `parts` back to back into `dst` (which is exactly their total length).
-fn copy_parts(dst: &mut [u8], parts: &[&[u8]]) {
-    let mut at = 0usize;
-    for p in parts {
-        dst[at..at + p.len()].copy_from_slice(p);
-        at += p.len();
     }
 }
 
@@ -574,8 +538,9 @@ mod tests {
                     assert_eq!(k, want_n, "bytes read at {offset}+{n}");
                     assert!(fast == want, "data at {offset}+{n}");
                 }
-                // The file system has no RWF_NOWAIT: the fast path turned itself off.
-                Cached::Partial(0) => assert!(!b.page_cache_fast_path()),
+                // The file system has no RWF_NOWAIT (the fast path turned itself off), or the read
+                // reached the end of the file, which only the blocking read decides.
+                Cached::Partial(0) => assert!(!b.page_cache_fast_path() || want_n < n),
                 Cached::Partial(k) => {
                     assert!(k <= want_n);
                     assert!(fast[..k] == want[..k]);

@@ -1,12 +1,16 @@
 //! Blocking system-call helpers shared by the file backends.
 //!
-//! Everything here is synchronous: the std backend calls it from `spawn_blocking`, the io_uring backend
-//! only for the cheap metadata calls (`fstat`, `ftruncate`, `lseek`) that io_uring has no opcode for in
-//! tokio-uring.
+//! Everything here is synchronous: the std backend calls it on its I/O thread pool (the crate's `pool`
+//! module), the io_uring backend only for the cheap metadata calls (`fstat`, `ftruncate`, `lseek`) that
+//! io_uring has no opcode for in tokio-uring.
+//!
+//! Lengths always come from [`file_len`]/[`host_len`], never from `st_size` directly: `st_size` is 0 for
+//! a block device (an image on an LVM volume, a raw device, a device used as a backing file), whose size
+//! is read with `lseek(fd, 0, SEEK_END)` instead. Block devices are never `ftruncate`d ([`set_len`]).
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 
 use crate::HostStatus;
@@ -247,7 +251,7 @@ fn lseek(fd: RawFd, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>>
 ///
 /// Past the end of the file is a hole; where the file system cannot tell, the file's bytes are data.
 pub(crate) fn host_status(file: &File, offset: u64, max_len: u64) -> io::Result<HostStatus> {
-    let file_len = file.metadata()?.len();
+    let file_len = file_len(file)?;
     if max_len == 0 {
         return Ok(HostStatus {
             data: offset < file_len,
@@ -297,7 +301,236 @@ pub(crate) fn allocated_size(file: &File) -> io::Result<Option<u64>> {
     Ok(meta.blocks().checked_mul(512))
 }
 
-/// The current length of `file`.
+/// The length of a host file and whether it is a block device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HostLen {
+    /// Length in bytes: `st_size` for a regular file (0 for a character device or pipe), the device
+    /// size for a block device.
+    pub(crate) len: u64,
+    /// True for a block device, whose size is fixed (it is never truncated or extended).
+    pub(crate) block_device: bool,
+}
+
+/// The length of `file` and whether it is a block device: `fstat`, then for a block device (whose
+/// `st_size` is 0) `lseek(fd, 0, SEEK_END)`.
+pub(crate) fn host_len(file: &File) -> io::Result<HostLen> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        Ok(HostLen {
+            len: device_len(file)?,
+            block_device: true,
+        })
+    } else {
+        Ok(HostLen {
+            len: meta.len(),
+            block_device: false,
+        })
+    }
+}
+
+/// The size of the block device `file` from `lseek(fd, 0, SEEK_END)` (positioned I/O ignores the file
+/// position this moves).
+fn device_len(file: &File) -> io::Result<u64> {
+    // SAFETY: plain system call on a descriptor kept open by the borrow of `file`.
+    let ret = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("cannot get the size of block device (lseek SEEK_END): {e}"),
+        ));
+    }
+    u64::try_from(ret).map_err(|_| {
+        io::Error::other(format!(
+            "lseek SEEK_END on a block device returned a negative size {ret}"
+        ))
+    })
+}
+
+/// The current length of `file` (the device size for a block device; see [`host_len`]).
 pub(crate) fn file_len(file: &File) -> io::Result<u64> {
-    Ok(file.metadata()?.len())
+    Ok(host_len(file)?.len)
+}
+
+/// `ftruncate` for regular files. A block device cannot be resized: asking for its current size
+/// succeeds without doing anything, any other length fails with [`io::ErrorKind::InvalidInput`].
+pub(crate) fn set_len(file: &File, len: u64) -> io::Result<()> {
+    check_range(len, 0)?;
+    let host = host_len(file)?;
+    if !host.block_device {
+        return file.set_len(len);
+    }
+    if len == host.len {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "cannot resize a block device to {len} bytes: its size is {} bytes and devices cannot be \
+             resized",
+            host.len
+        ),
+    ))
+}
+
+/// How many bytes of an `O_DIRECT` read-modify-write bounce buffer of `span` bytes at `start` to write
+/// back, for a write whose data ends at `end` (`old` is the length from before the write): all of it,
+/// except on a block device whose size is not a multiple of the bounce alignment, where the write stops
+/// at the end of the device (which is block-aligned) rather than fail with `ENOSPC`.
+pub(crate) fn direct_write_span(old: HostLen, start: u64, end: u64, span: usize) -> usize {
+    if old.block_device && old.len >= end && old.len > start {
+        // `old.len - start` < `start + span - start` = `span` in this branch, so it fits usize.
+        let to_dev_end = old.len - start;
+        if to_dev_end < len64(span) {
+            return to_dev_end as usize;
+        }
+    }
+    span
+}
+
+/// After an `O_DIRECT` write of whole blocks that may have extended the file past `want` bytes, trims
+/// it back to `want` (`old` is the length from before the write). Block devices are never trimmed.
+pub(crate) fn trim_after_direct_write(file: &File, old: HostLen, want: u64) -> io::Result<()> {
+    if old.block_device {
+        return Ok(());
+    }
+    file.set_len(want)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::std_file::SyncFile;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::process::Command;
+
+    #[test]
+    fn len_of_character_device_is_zero() {
+        let f = File::open("/dev/null").unwrap();
+        assert_eq!(
+            host_len(&f).unwrap(),
+            HostLen {
+                len: 0,
+                block_device: false
+            }
+        );
+        assert_eq!(file_len(&f).unwrap(), 0);
+        assert!(!host_status(&f, 0, 4096).unwrap().data);
+    }
+
+    #[test]
+    fn len_of_regular_file_and_set_len() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        assert_eq!(file_len(&f).unwrap(), 0);
+        set_len(&f, 12345).unwrap();
+        assert_eq!(
+            host_len(&f).unwrap(),
+            HostLen {
+                len: 12345,
+                block_device: false
+            }
+        );
+        set_len(&f, 100).unwrap();
+        assert_eq!(file_len(&f).unwrap(), 100);
+        assert!(set_len(&f, u64::MAX).is_err());
+    }
+
+    /// Detaches the loop device when dropped.
+    struct Loop(String);
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+        }
+    }
+
+    /// A block device (a loop device over a 1 MiB + 512 byte file): sizes come from the device, it is
+    /// never resized, and the O_DIRECT read-modify-write path does not try to trim it. Needs root and
+    /// `losetup`; skipped with a note otherwise.
+    #[test]
+    fn block_device_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("backing");
+        let size: u64 = (1 << 20) + 512;
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let out = match Command::new("losetup")
+            .arg("-f")
+            .arg("--show")
+            .arg(&path)
+            .output()
+        {
+            Ok(o) if o.status.success() => o,
+            Ok(o) => {
+                eprintln!(
+                    "note: block_device_length skipped, losetup failed: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                return;
+            }
+            Err(e) => {
+                eprintln!("note: block_device_length skipped, cannot run losetup: {e}");
+                return;
+            }
+        };
+        let dev = Loop(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev.0)
+            .unwrap();
+        assert_eq!(
+            host_len(&f).unwrap(),
+            HostLen {
+                len: size,
+                block_device: true
+            }
+        );
+        set_len(&f, size).unwrap();
+        let err = set_len(&f, size + 4096).unwrap_err();
+        assert!(err.to_string().contains("cannot be resized"), "{err}");
+        assert!(set_len(&f, 0).is_err());
+        let st = host_status(&f, 0, 1 << 30).unwrap();
+        assert!(st.data && st.len > 0 && st.len <= size, "{st:?}");
+        let st = host_status(&f, size, 100).unwrap();
+        assert!(!st.data);
+
+        // Through the std backend, buffered and O_DIRECT (an unaligned write near the end goes
+        // through read-modify-write, which must not truncate the device).
+        let sync = SyncFile::new(f, false);
+        assert_eq!(sync.len().unwrap(), size);
+        let mut buf = vec![0u8; 600];
+        assert_eq!(sync.read(&mut buf, size - 500).unwrap(), 500);
+        assert!(buf[..500] == data[(size - 500) as usize..]);
+        assert!(buf[500..].iter().all(|&b| b == 0));
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&dev.0);
+        let direct = match direct {
+            Ok(d) => SyncFile::new(d, true),
+            Err(e) => {
+                eprintln!("note: O_DIRECT part of block_device_length skipped: {e}");
+                return;
+            }
+        };
+        assert_eq!(direct.len().unwrap(), size);
+        direct.write_parts(&[b"hello"], size - 7).unwrap();
+        assert_eq!(direct.len().unwrap(), size);
+        let mut back = [0u8; 7];
+        assert_eq!(direct.read(&mut back, size - 7).unwrap(), 7);
+        let mut want = [0u8; 7];
+        want[..5].copy_from_slice(b"hello");
+        want[5..].copy_from_slice(&data[(size - 2) as usize..]);
+        assert_eq!(back, want);
+    }
 }

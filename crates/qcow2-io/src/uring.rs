@@ -17,9 +17,10 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::RwLock;
-use tokio_uring::buf::{BoundedBuf, IoBuf, IoBufMut};
+use tokio_uring::buf::{BoundedBuf, IoBufMut};
 
-use crate::aligned::{is_direct_ready, AlignedBuf, AlignedRange, DIRECT_ALIGN, DIRECT_ALIGN_U64};
+use crate::aligned::{is_direct_ready, AlignedBuf, AlignedRange, DIRECT_ALIGN};
+use crate::rmw::{self, DirectWrite};
 use crate::std_file::{blocking, open_file};
 use crate::sys::{self, check_range, len64};
 use crate::{Backend, BackendOpen, HostStatus, OpenFlags};
@@ -110,7 +111,7 @@ impl UringBackend {
     }
 
     /// Writes all of `buf` at `offset`.
-    async fn write_all<T: IoBuf>(&self, buf: T, offset: u64) -> io::Result<()> {
+    async fn write_all<T: BoundedBuf>(&self, buf: T, offset: u64) -> io::Result<()> {
         let (res, _buf) = self.inner.file.write_all_at(buf, offset).await;
         res
     }
@@ -155,11 +156,8 @@ impl UringBackend {
 
     /// Writes the parts back to back from `offset`, bouncing through aligned memory under `O_DIRECT`.
     async fn write_parts(&self, parts: Vec<Bytes>, offset: u64) -> io::Result<()> {
-        let total = parts
-            .iter()
-            .try_fold(0usize, |acc, p| acc.checked_add(p.len()))
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "buffers too large"))?;
-        let end = check_range(offset, len64(total))?;
+        let total = rmw::total_len(&parts)?;
+        check_range(offset, len64(total))?;
         let mut parts: Vec<Bytes> = parts.into_iter().filter(|p| !p.is_empty()).collect();
         if parts.is_empty() {
             return Ok(());
@@ -180,71 +178,37 @@ impl UringBackend {
                 return self.write_all(one, offset).await;
             }
         }
-        let range = AlignedRange::cover(offset, total)?;
-        let mut bounce = AlignedBuf::zeroed(range.len())?;
-        // `offset - range.start` < DIRECT_ALIGN.
-        let skip = (offset - range.start) as usize;
-        if range.start == offset && range.end == end {
-            copy_parts(&mut bounce.as_mut_slice()[skip..skip + total], &parts);
+        let plan = DirectWrite::plan(offset, total)?;
+        let mut bounce = AlignedBuf::zeroed(plan.span())?;
+        if plan.is_aligned() {
+            rmw::copy_parts(bounce.as_mut_slice(), &parts);
             let _shared = self.inner.rmw.read().await;
-            return self.write_all(bounce, range.start).await;
+            return self.write_all(bounce, plan.range.start).await;
         }
         let _exclusive = self.inner.rmw.write().await;
-        let old_len = sys::file_len(&self.inner.std)?;
-        let span = range.len();
-        let head_partial = offset != range.start;
-        if head_partial {
-            let (res, b) = self
-                .read_into(bounce, 0..DIRECT_ALIGN, range.start, true)
-                .await;
+        let old = sys::host_len(&self.inner.std)?;
+        for (part, at) in plan.reads() {
+            let (res, b) = self.read_into(bounce, part, at, true).await;
             bounce = b;
             res?;
         }
-        let tail_start = range.end - DIRECT_ALIGN_U64;
-        if end != range.end && !(head_partial && tail_start == range.start) {
-            let (res, b) = self
-                .read_into(bounce, span - DIRECT_ALIGN..span, tail_start, true)
-                .await;
-            bounce = b;
-            res?;
-        }
-        copy_parts(&mut bounce.as_mut_slice()[skip..skip + total], &parts);
-        self.write_all(bounce, range.start).await?;
-        let want = old_len.max(end);
-        if range.end > want {
-            self.inner.std.set_len(want)?;
-        }
-        Ok(())
+        rmw::copy_parts(&mut bounce.as_mut_slice()[plan.data.clone()], &parts);
+        let n = plan.write_len(old);
+        self.write_all(bounce.slice(..n), plan.range.start).await?;
+        // Trims what the aligned write added past the end (never a block device).
+        plan.finish(&self.inner.std, old)
     }
 
     /// Writes `len` zero bytes at `offset` in bounded chunks (the emulation of `fallocate`).
     async fn write_zeros(&self, offset: u64, len: u64) -> io::Result<()> {
-        let end = check_range(offset, len)?;
-        let chunk_max = len64(sys::ZERO_CHUNK);
-        let zeros = Bytes::from(vec![
-            0u8;
-            sys::ZERO_CHUNK
-                .min(usize::try_from(len).unwrap_or(usize::MAX))
-        ]);
-        let mut pos = offset;
-        while pos < end {
-            // Stop the first chunk at a chunk boundary so that later ones are aligned.
+        let chunks = rmw::zero_chunks(offset, len)?;
+        let zeros = Bytes::from(vec![0u8; rmw::zero_buf_len(len)]);
+        for (pos, n) in chunks {
             // n <= ZERO_CHUNK and <= len, so it fits the zero buffer.
-            let n = (end - pos).min(chunk_max - pos % chunk_max) as usize;
             self.write_parts(vec![Bytes::slice(&zeros, ..n)], pos)
                 .await?;
-            pos += len64(n);
         }
         Ok(())
-    }
-}
-
-/// Copies `parts` back to back into `dst` (exactly their total length).
-fn copy_parts(dst: &mut [u8], parts: &[Bytes]) {
-    let mut at = 0usize;
-    for p in parts {
-        dst[at..at + p.len()].copy_from_slice(p);
-        at += p.len();
     }
 }
 
@@ -330,11 +294,9 @@ impl Backend for UringBackend {
             .await
         {
             Err(e) if sys::is_unsupported(&e) => {
-                let end = end.min(sys::file_len(&self.inner.std)?);
-                if offset < end {
-                    self.write_zeros(offset, end - offset).await
-                } else {
-                    Ok(())
+                match rmw::punch_range(offset, end, sys::file_len(&self.inner.std)?) {
+                    Some((at, len)) => self.write_zeros(at, len).await,
+                    None => Ok(()),
                 }
             }
             other => other,
@@ -348,7 +310,7 @@ impl Backend for UringBackend {
     async fn set_len(&self, len: u64) -> io::Result<()> {
         check_range(len, 0)?;
         let file = Arc::clone(&self.inner.std);
-        blocking(move || file.set_len(len)).await?
+        blocking(move || sys::set_len(&file, len)).await?
     }
 
     async fn host_status(&self, offset: u64, max_len: u64) -> io::Result<HostStatus> {
