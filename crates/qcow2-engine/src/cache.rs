@@ -116,15 +116,6 @@ impl<V> LruCache<V> {
         &self.nodes[slot].value
     }
 
-    /// Removes every entry.
-    #[allow(dead_code)] // Used by the write path later (invalidation); kept with its test.
-    pub(crate) fn clear(&mut self) {
-        self.map.clear();
-        self.nodes.clear();
-        self.head = NIL;
-        self.tail = NIL;
-    }
-
     fn unlink(&mut self, slot: usize) {
         let (prev, next) = (self.nodes[slot].prev, self.nodes[slot].next);
         if prev == NIL {
@@ -188,8 +179,6 @@ mod tests {
         c.insert(8, 3);
         assert_eq!(c.get(7), None);
         assert_eq!(c.get(8), Some(&3));
-        c.clear();
-        assert_eq!(c.get(8), None);
     }
 
     #[test]

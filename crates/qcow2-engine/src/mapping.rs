@@ -23,7 +23,10 @@ pub(crate) enum Kind {
     /// cluster has a host cluster although this subcluster is unallocated (extended L2; QEMU's
     /// UNALLOCATED_ALLOC), which block status reports when no backing image answers.
     Unallocated { host: Option<HostOffset> },
-    /// Part of one compressed cluster (extents of this kind never span two clusters).
+    /// Part of one compressed cluster: the rest of the cluster within the looked-up range, as one
+    /// extent even with extended L2 (a compressed cluster has no subclusters). Extents of this kind are
+    /// never joined, so one never spans two clusters; the read path still groups pieces sharing a
+    /// descriptor (pieces of a backing compressed cluster under an extended-L2 overlay).
     Compressed { desc: CompressedDescriptor },
 }
 

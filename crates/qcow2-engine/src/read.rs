@@ -2,7 +2,8 @@
 //!
 //! A request is served depth by depth. At each depth, every pending piece is looked up in that layer
 //! ([`Qcow2Layer::map`]); data extents become host reads (consecutive host-contiguous extents are joined
-//! into one I/O), zero extents are filled in place, compressed extents are read and decompressed, and
+//! into one I/O, up to [`BATCH_BYTES`]), zero extents are filled in place, compressed clusters are read and
+//! decompressed once per request whatever the number of pieces needed from them, and
 //! unallocated extents become the pending pieces of the next depth (or are filled with zeros at the
 //! bottom, and beyond the end of a shorter backing image). The chain walk is a loop, not an async
 //! recursion, so the future stays `Send` for `Send` backends.
@@ -22,8 +23,9 @@ use crate::mapping::Kind;
 use crate::qcow2::Qcow2Layer;
 use crate::raw::RawLayer;
 
-/// Data bytes collected before the pending host reads are issued (bounds the bounce memory of a large
-/// request).
+/// Bounce memory collected before the pending host reads are issued (bounds the memory of a large
+/// request): data bytes, plus cluster size and compressed length per compressed cluster. Each lookup
+/// covers at most this many bytes and no single data I/O is longer.
 const BATCH_BYTES: usize = 32 * 1024 * 1024;
 
 /// A piece of the request still to serve, from the layer at the current depth.
@@ -41,12 +43,11 @@ struct DataIo {
     len: usize,
 }
 
-/// A (part of a) compressed cluster to read.
+/// A compressed cluster to read and decompress once, with the parts of it the request needs.
 struct CompIo {
     desc: qcow2_format::compressed::CompressedDescriptor,
-    in_cluster: usize,
-    start: usize,
-    len: usize,
+    /// `(offset in the cluster, position in the caller's buffer, length)` of each needed part.
+    pieces: Vec<(usize, usize, usize)>,
 }
 
 /// Reads `buf.len()` bytes at `offset` from the chain topped by `top`.
@@ -190,23 +191,26 @@ async fn read_qcow2<B: Backend>(
     next: &mut Vec<Pending>,
 ) -> Result<()> {
     let mut data: Vec<DataIo> = Vec::new();
-    let mut data_bytes = 0usize;
     let mut comp: Vec<CompIo> = Vec::new();
+    // Bounce memory the queued reads will take: data bytes, plus cluster size and input length per
+    // compressed cluster.
+    let mut batch_bytes = 0usize;
     let cs = q.geom.cluster_size();
     for p in items {
         let end = p.guest.0 + p.len as u64;
         let mut pos = p.guest.0;
         while pos < end {
-            for e in q.map(pos, end - pos).await? {
+            for e in q.map(pos, (end - pos).min(BATCH_BYTES as u64)).await? {
                 let start = p.start + (e.guest.0 - p.guest.0) as usize;
                 let len = e.len as usize;
                 match e.kind {
                     Kind::Data { host } => {
-                        data_bytes += len;
+                        batch_bytes += len;
                         match data.last_mut() {
                             Some(last)
                                 if last.host.0 + last.len as u64 == host.0
-                                    && last.start + last.len == start =>
+                                    && last.start + last.len == start
+                                    && last.len + len <= BATCH_BYTES =>
                             {
                                 last.len += len;
                             }
@@ -225,18 +229,34 @@ async fn read_qcow2<B: Backend>(
                             buf[start..start + len].fill(0);
                         }
                     }
-                    Kind::Compressed { desc } => comp.push(CompIo {
-                        desc,
-                        in_cluster: (e.guest.0 % cs) as usize,
-                        start,
-                        len,
-                    }),
+                    Kind::Compressed { desc } => {
+                        let piece = ((e.guest.0 % cs) as usize, start, len);
+                        match comp.last_mut() {
+                            Some(last) if last.desc == desc => last.pieces.push(piece),
+                            _ => {
+                                // Counted before validation; an invalid descriptor fails when read.
+                                batch_bytes += cs as usize + desc.host_range().1 as usize;
+                                comp.push(CompIo {
+                                    desc,
+                                    pieces: vec![piece],
+                                });
+                            }
+                        }
+                    }
                 }
                 pos = e.end();
             }
-            if data_bytes >= BATCH_BYTES {
+            if batch_bytes >= BATCH_BYTES {
+                // The last compressed cluster may go on in the next lookup (or the next piece): keep
+                // it queued so that it is still read once.
+                let keep = comp.pop();
                 read_data(q, std::mem::take(&mut data), buf).await?;
-                data_bytes = 0;
+                read_compressed(q, std::mem::take(&mut comp), buf).await?;
+                batch_bytes = 0;
+                if let Some(k) = keep {
+                    batch_bytes = cs as usize + k.desc.host_range().1 as usize;
+                    comp.push(k);
+                }
             }
         }
     }
@@ -302,8 +322,9 @@ async fn read_compressed<B: Backend>(
     });
     let results = try_join_all(reads).await?;
     for (io, cluster) in ios.iter().zip(results) {
-        buf[io.start..io.start + io.len]
-            .copy_from_slice(&cluster[io.in_cluster..io.in_cluster + io.len]);
+        for &(in_cluster, start, len) in &io.pieces {
+            buf[start..start + len].copy_from_slice(&cluster[in_cluster..in_cluster + len]);
+        }
         crate::buf::give(cluster);
     }
     Ok(())

@@ -49,15 +49,6 @@ pub(crate) fn cluster_entry(
 }
 
 impl ClusterEntry {
-    /// The host cluster offset the entry points to (data or preallocated zero), if any.
-    pub(crate) fn host_cluster(&self) -> Option<u64> {
-        match self.entry {
-            L2Entry::Normal { host, .. } => Some(host.0),
-            L2Entry::Zero { preallocated, .. } => preallocated.map(|h| h.0),
-            L2Entry::Unallocated | L2Entry::Compressed(_) => None,
-        }
-    }
-
     /// The state of subcluster `sc` (0 without extended L2). Invalid bitmap combinations are
     /// corruption, as QEMU's `QCOW2_SUBCLUSTER_INVALID`.
     pub(crate) fn subcluster(

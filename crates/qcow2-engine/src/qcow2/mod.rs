@@ -235,6 +235,20 @@ impl<B: Backend> Qcow2Layer<B> {
             )?;
             self.check_entry(&entry, cluster_start, &where_)?;
             let cluster_end = (cluster_start + cs).min(stop);
+            // A compressed cluster is one unit whatever the subcluster size (the bitmap is not used):
+            // one extent for the rest of it, so the read path reads and decompresses it once.
+            if let L2Entry::Compressed(desc) = entry.entry {
+                push_extent(
+                    out,
+                    Extent {
+                        guest: GuestOffset(pos),
+                        len: cluster_end - pos,
+                        kind: Kind::Compressed { desc },
+                    },
+                );
+                pos = cluster_end;
+                continue;
+            }
             while pos < cluster_end {
                 let in_cluster = pos - cluster_start;
                 let sc = (in_cluster / sc_size) as u32;
@@ -285,7 +299,7 @@ impl<B: Backend> Qcow2Layer<B> {
                 ));
             }
         }
-        let host = entry.host_cluster();
+        let host = entry.entry.host_cluster().map(|h| h.0);
         let Some(host) = host else { return Ok(()) };
         if self.data_file.is_some() {
             if host != guest_cluster {
