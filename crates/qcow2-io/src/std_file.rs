@@ -440,21 +440,20 @@ impl BackendOpen for StdFileBackend {
 mod tests {
     use super::*;
 
+    /// A buffered (not O_DIRECT) file created at `path`.
+    fn new_buffered(path: &Path) -> SyncFile {
+        let flags = OpenFlags {
+            create: true,
+            ..Default::default()
+        };
+        SyncFile::new(open_file(path, flags).unwrap(), false)
+    }
+
     #[test]
     fn write_zeros_chunks_and_unaligned_start() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("z");
-        let f = SyncFile::new(
-            open_file(
-                &path,
-                OpenFlags {
-                    create: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap(),
-            false,
-        );
+        let f = new_buffered(&path);
         let len = 3 * sys::ZERO_CHUNK + 123;
         f.write_parts(&[&vec![0xAAu8; len + 100]], 0).unwrap();
         f.write_zeros(7, len64(len)).unwrap();
@@ -469,17 +468,7 @@ mod tests {
     fn punch_emulation_stays_inside_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p");
-        let f = SyncFile::new(
-            open_file(
-                &path,
-                OpenFlags {
-                    create: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap(),
-            false,
-        );
+        let f = new_buffered(&path);
         f.write_parts(&[&[7u8; 10_000]], 0).unwrap();
         f.punch_emulated(9_000, 20_000).unwrap();
         f.punch_emulated(50_000, 60_000).unwrap();
@@ -644,17 +633,7 @@ mod tests {
     fn huge_offsets_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("h");
-        let f = SyncFile::new(
-            open_file(
-                &path,
-                OpenFlags {
-                    create: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap(),
-            false,
-        );
+        let f = new_buffered(&path);
         let mut buf = [0u8; 8];
         assert_eq!(
             f.read(&mut buf, u64::MAX - 3).unwrap_err().kind(),
