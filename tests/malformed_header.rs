@@ -224,21 +224,15 @@ fn backing_file_missing() {
 #[test]
 fn header_extension_huge_length() {
     let w = Work::new();
-    make_base(&w, "img.qcow2");
-    let (off, _) = common::find_header_extension(&w.p("img.qcow2"), EXT_FEATURE_TABLE)
-        .expect("feature name table");
-    put_be32(&w.p("img.qcow2"), off + 4, 0xffff_fff0);
+    base_with_feature_table_length(&w, "img.qcow2", |_| 0xffff_fff0);
     check(&w, "img.qcow2", &[]);
 }
 
 #[test]
 fn header_extension_past_cluster0() {
     let w = Work::new();
-    make_base(&w, "img.qcow2");
-    let (off, _) = common::find_header_extension(&w.p("img.qcow2"), EXT_FEATURE_TABLE)
-        .expect("feature name table");
-    // Length that ends just past the header cluster.
-    put_be32(&w.p("img.qcow2"), off + 4, (65536 - off - 8 + 8) as u32);
+    // A length that ends just past the header cluster.
+    base_with_feature_table_length(&w, "img.qcow2", |off| (65536 - off - 8 + 8) as u32);
     check(&w, "img.qcow2", &[]);
 }
 
@@ -295,16 +289,7 @@ fn version_0_forced_qcow2() {
 #[test]
 fn data_file_missing() {
     let w = Work::new();
-    w.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "data_file=img.data",
-        "img.qcow2",
-        "4M",
-    ]);
+    make_data_file_image(&w);
     w.qemu_io(&["-f", "qcow2"], "img.qcow2", &["write -P 0x11 0 64k"]);
     std::fs::remove_file(w.p("img.data")).expect("remove data file");
     check(&w, "img.qcow2", &[]);

@@ -12,7 +12,7 @@
 mod common;
 
 use common::malformed::*;
-use common::{get_be32, get_be64, patch, put_be32, put_be64, Work};
+use common::{get_be32, get_be64, patch, put_be64, Work};
 
 // -------------------------------------------------------------------------------------------------
 // L1 and L2 entries
@@ -316,16 +316,7 @@ fn v2_l2_entry_with_zero_flag() {
 #[test]
 fn data_file_entry_not_identity_mapped() {
     let w = Work::new();
-    w.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "data_file=img.data",
-        "img.qcow2",
-        "4M",
-    ]);
+    make_data_file_image(&w);
     w.qemu_io(
         &["-f", "qcow2"],
         "img.qcow2",
@@ -349,10 +340,7 @@ fn refcount_table_garbage() {
 #[test]
 fn feature_table_length_not_multiple_of_48() {
     let w = Work::new();
-    make_base(&w, "img.qcow2");
-    let (off, _) = common::find_header_extension(&w.p("img.qcow2"), EXT_FEATURE_TABLE)
-        .expect("feature name table");
-    put_be32(&w.p("img.qcow2"), off + 4, 47);
+    base_with_feature_table_length(&w, "img.qcow2", |_| 47);
     check(&w, "img.qcow2", &[]);
 }
 
@@ -458,16 +446,7 @@ fn image_missing() {
 #[test]
 fn data_file_is_directory() {
     let w = Work::new();
-    w.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "data_file=img.data",
-        "img.qcow2",
-        "4M",
-    ]);
+    make_data_file_image(&w);
     std::fs::remove_file(w.p("img.data")).expect("remove data file");
     w.mkdir("img.data");
     check(&w, "img.qcow2", &[]);

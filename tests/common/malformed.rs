@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::{get_be32, get_be64, Work};
+use super::{find_header_extension, get_be32, get_be64, put_be32, Work};
 
 /// Time limit for our binary (killed after it: a hang fails the test).
 pub const TIMEOUT: Duration = Duration::from_secs(20);
@@ -422,4 +422,28 @@ pub fn make_overlay(w: &Work) -> u64 {
         "img.qcow2",
     ]);
     get_be64(&w.p("img.qcow2"), H_BACKING_OFFSET)
+}
+
+/// Makes a base image `name` and sets the length field of its feature-name table extension to
+/// `len(extension_offset)`: the shared step of the header-extension length cases.
+pub fn base_with_feature_table_length(w: &Work, name: &str, len: impl Fn(u64) -> u32) {
+    make_base(w, name);
+    let (off, _) =
+        find_header_extension(&w.p(name), EXT_FEATURE_TABLE).expect("feature name table");
+    put_be32(&w.p(name), off + 4, len(off));
+}
+
+/// Creates `img.qcow2` (4 MiB) with the external data file `img.data`, named relative to the work
+/// directory as QEMU resolves it.
+pub fn make_data_file_image(w: &Work) {
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=img.data",
+        "img.qcow2",
+        "4M",
+    ]);
 }
