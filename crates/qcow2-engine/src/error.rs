@@ -78,6 +78,16 @@ pub enum Error {
         /// Virtual size of the image.
         size: u64,
     },
+    /// A refcount would exceed the maximum of the image's refcount width.
+    #[error("{path}: refcount of the cluster at host offset {offset:#x} would exceed the maximum of {max}")]
+    RefcountOverflow {
+        /// The file.
+        path: String,
+        /// Host offset of the cluster.
+        offset: u64,
+        /// The largest refcount the image's refcount width can hold.
+        max: u64,
+    },
     /// A write to an image opened read-only.
     #[error("image is opened read-only")]
     ReadOnly,

@@ -148,6 +148,48 @@ impl<B: Backend> Image<B> {
         crate::status::block_status(self, offset, max_len).await
     }
 
+    /// Whether this handle was opened read-only (writes fail with [`Error::ReadOnly`]).
+    pub fn is_read_only(&self) -> bool {
+        true
+    }
+
+    /// Writes `data` to the virtual disk at `offset`. Any range within the virtual size is allowed
+    /// (unaligned, crossing clusters and L2 tables). The data is on the host when this returns, but
+    /// durable only after [`Image::flush`].
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        crate::write::write(self, offset, bytes::Bytes::copy_from_slice(data)).await
+    }
+
+    /// As [`Image::write`], with an owned buffer that is handed to the backend without a copy where the
+    /// write needs no copy-on-write.
+    pub async fn write_bytes(&self, offset: u64, data: bytes::Bytes) -> Result<()> {
+        crate::write::write(self, offset, data).await
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros, as qemu-io's `write -z` (`unmap`: `-u`, the host
+    /// clusters may be released). Whole clusters become zero clusters; partial clusters are written.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        crate::write::write_zeroes(self, offset, len, unmap).await
+    }
+
+    /// Discards `[offset, offset + len)` as qemu-io's `discard` (unmap enabled): only whole clusters are
+    /// discarded; the host file gets a hole where clusters are freed.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        crate::write::discard(self, offset, len).await
+    }
+
+    /// Makes every write completed before this call durable. A failed flush is sticky: every later
+    /// flush fails too.
+    pub async fn flush(&self) -> Result<()> {
+        crate::write::flush(self).await
+    }
+
+    /// Flushes and closes a read-write image cleanly: refcounts written, lazy-refcounts dirty bit
+    /// cleared. The handle stays usable for reads; call it once, when done writing.
+    pub async fn close(&self) -> Result<()> {
+        crate::write::close(self).await
+    }
+
     /// L2 cache statistics of this image (qcow2 only).
     pub async fn l2_cache_stats(&self) -> Option<CacheStats> {
         match &self.inner.layer {

@@ -34,6 +34,7 @@
 mod buf;
 mod cache;
 mod chain;
+mod create;
 pub mod error;
 mod image;
 pub mod info;
@@ -43,8 +44,10 @@ mod qcow2;
 mod raw;
 mod read;
 pub mod status;
+mod write;
 
 pub use chain::MAX_CHAIN_DEPTH;
+pub use create::CreateOptions;
 pub use error::{Error, Result};
 pub use image::Image;
 pub use info::{ImageInfo, Qcow2Info, Snapshot};
