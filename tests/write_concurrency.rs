@@ -95,7 +95,7 @@ async fn write_job<B: Backend>(
     data: Bytes,
 ) -> Result<(), String> {
     barrier.wait().await;
-    let r = if index % 2 == 0 {
+    let r = if index.is_multiple_of(2) {
         img.write_bytes(offset, data).await
     } else {
         img.write(offset, &data).await
