@@ -9,6 +9,9 @@
 //! reads and writes on that handle fail; a fresh read-write open fails with `CorruptBitSet` while a
 //! read-only open works and reads the untouched clusters as before.
 //!
+//! qemu-io, given the same write on a copy, reports the overlap and marks its copy corrupt, which shows
+//! that each patched image really is the case QEMU's overlap check exists for.
+//!
 //! The header cluster cannot be a target: an L2 entry with host offset 0 means "unallocated" to QEMU.
 
 mod common;
@@ -84,6 +87,17 @@ fn overlap_case(target: Target) {
     let meta = build(&w, target);
     let before = cluster_bytes(&w, meta);
     let path = w.p("img.qcow2");
+
+    // The oracle: QEMU refuses the same write on a copy as an overlap with metadata.
+    std::fs::copy(&path, w.p("qemu.qcow2")).expect("copy");
+    let q = w.qemu_io_try(&["-f", "qcow2"], "qemu.qcow2", &["write -P 0xee 0 4k"]);
+    let text = format!("{}{}", q.stdout_str(), q.stderr);
+    assert!(
+        text.contains("Preventing invalid write on metadata"),
+        "{target:?}: qemu-io did not see an overlap: {}",
+        q.describe()
+    );
+    assert_ne!(get_be64(&w.p("qemu.qcow2"), 72) & CORRUPT_BIT, 0);
 
     multi_thread_runtime().block_on(async {
         let img = Image::<StdFileBackend>::open(&path, &rw_options())

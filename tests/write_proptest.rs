@@ -13,6 +13,7 @@
 //! sizes 512 B, 4 KiB and 64 KiB, with and without extended L2. It runs on the multi-threaded Tokio
 //! runtime with the std-file backend, on the current-thread tokio-uring runtime with the io_uring backend,
 //! and with the memory backend (the image file's bytes loaded into it, written back for qemu-img after).
+//! The model itself is checked against qemu-io running the same requests (with pattern data).
 
 mod common;
 
@@ -184,8 +185,9 @@ impl Rng {
 }
 
 /// Lays the requests out left to right, byte-disjoint, dropping what does not fit; returns them in a
-/// shuffled issue order with the flush inserted.
-fn place(c: &Case) -> Vec<Op> {
+/// shuffled issue order with the flush inserted. With `pattern_writes`, each write's data is one repeated
+/// byte, as qemu-io's `write -P` writes.
+fn place(c: &Case, pattern_writes: bool) -> Vec<Op> {
     let g = c.geometry;
     let size = g.size();
     let max_gap = size / 16;
@@ -204,6 +206,9 @@ fn place(c: &Case) -> Vec<Op> {
         }
         cursor = off + len;
         ops.push(match s.kind {
+            Kind::Write if pattern_writes => {
+                Op::Write(off, Bytes::from(vec![(i % 250 + 1) as u8; len as usize]))
+            }
             Kind::Write => Op::Write(
                 off,
                 Bytes::from(data_bytes(c.seed ^ (i as u64 + 1), len as usize)),
@@ -308,6 +313,34 @@ fn describe(op: &Op) -> String {
     }
 }
 
+/// The request as a qemu-io command (writes must come from `place(_, true)`).
+fn qemu_io_cmd(op: &Op) -> String {
+    match op {
+        Op::Write(off, d) => format!("write -P {} {off} {}", d[0], d.len()),
+        Op::Zero(off, len, false) => format!("write -z {off} {len}"),
+        Op::Zero(off, len, true) => format!("write -z -u {off} {len}"),
+        Op::Discard(off, len) => format!("discard {off} {len}"),
+        Op::Flush => "flush".into(),
+    }
+}
+
+/// The model against QEMU: the same requests run one after another by qemu-io give the content the
+/// model predicts, so a mismatch in the engine tests is the engine's, not the model's.
+fn run_qemu_io(c: &Case) {
+    let w = Work::new();
+    let model = setup(&w, c);
+    let ops = place(c, true);
+    let expected = model_after(model, &ops).data;
+    let cmds: Vec<String> = ops.iter().map(qemu_io_cmd).collect();
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    w.qemu_io(&["-f", "qcow2"], "img.qcow2", &cmds);
+    assert_same(
+        &qemu_raw(&w, "img.qcow2"),
+        &expected,
+        "qemu-io's result vs the model",
+    );
+}
+
 fn model_after(mut model: Model, ops: &[Op]) -> Model {
     for op in ops {
         match op {
@@ -351,7 +384,7 @@ fn oracle(w: &Work, image: &str, expected: &[u8]) {
 fn run_std(c: &Case) {
     let w = Work::new();
     let model = setup(&w, c);
-    let ops = place(c);
+    let ops = place(c, false);
     let expected = model_after(model, &ops).data;
     let path = w.p("img.qcow2");
     multi_thread_runtime().block_on(async {
@@ -371,7 +404,7 @@ fn run_std(c: &Case) {
 fn run_on_uring(c: &Case) {
     let w = Work::new();
     let model = setup(&w, c);
-    let ops = place(c);
+    let ops = place(c, false);
     let expected = model_after(model, &ops).data;
     let path = w.p("img.qcow2");
     run_uring(async {
@@ -391,7 +424,7 @@ fn run_on_uring(c: &Case) {
 fn run_memory(c: &Case) {
     let w = Work::new();
     let model = setup(&w, c);
-    let ops = place(c);
+    let ops = place(c, false);
     let expected = model_after(model, &ops).data;
     let mem = MemoryBackend::from_vec(w.read_file("img.qcow2"));
     let handle = mem.clone();
@@ -423,6 +456,11 @@ proptest! {
     #![proptest_config(config())]
 
     #[test]
+    fn model_agrees_with_qemu_io(c in case(true)) {
+        run_qemu_io(&c);
+    }
+
+    #[test]
     fn disjoint_concurrent_requests_std_multi_thread(c in case(true)) {
         run_std(&c);
     }
@@ -451,7 +489,7 @@ fn placed_requests_are_disjoint_and_in_range() {
     });
     runner
         .run(&case(true), |c| {
-            let ops = place(&c);
+            let ops = place(&c, false);
             let mut ranges: Vec<(u64, u64)> = ops
                 .iter()
                 .filter_map(|op| match op {
