@@ -12,6 +12,11 @@
 //! Variants: half of every cluster written over a backing file (the other half must be copied from the
 //! backing file by whichever request allocates, without clobbering what the others wrote), and extended
 //! L2 (32 sub-clusters of 2 KiB: every 4 KiB writer allocates two sub-clusters of a shared cluster).
+//!
+//! A second shape stresses metadata allocation under concurrency: 1024 writers of 8 KiB at once into an
+//! image with 512-byte clusters, each into its own L2 table's range, so that L2 tables, refcount blocks
+//! and a larger refcount table (the first one covers 8 MiB of host file) are all allocated while writes
+//! are in flight; content and a clean check with the exact allocated-cluster count prove it.
 
 mod common;
 
@@ -95,12 +100,13 @@ async fn write_job<B: Backend>(
     data: Bytes,
 ) -> Result<(), String> {
     barrier.wait().await;
+    let len = data.len();
     let r = if index.is_multiple_of(2) {
         img.write_bytes(offset, data).await
     } else {
         img.write(offset, &data).await
     };
-    r.map_err(|e| format!("write of {WRITE} bytes at {offset}: {e}"))
+    r.map_err(|e| format!("write of {len} bytes at {offset}: {e}"))
 }
 
 /// After the writes: what our engine reads, before and after `close()`.
@@ -313,5 +319,68 @@ fn concurrent_writes_extended_l2_std_multi_thread() {
 fn concurrent_writes_extended_l2_uring_current_thread() {
     if uring_or_skip("concurrent_writes_extended_l2_uring_current_thread") {
         scenario(extended_l2(), run_on_uring);
+    }
+}
+
+/// 1024 writers of 8 KiB, one per 64 KiB of a 64 MiB disk with 512-byte clusters (an L2 table maps
+/// 32 KiB there, a refcount block 128 KiB of host file, the first refcount table 8 MiB).
+fn metadata_growth(runner: fn(&Work, &[Job]) -> Outcome) {
+    const SMALL_SIZE: u64 = 64 * MIB;
+    const WRITERS: u64 = 1024;
+    const LEN: u64 = 8 * KIB;
+    let w = Work::new();
+    w.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=512",
+        "img.qcow2",
+        &SMALL_SIZE.to_string(),
+    ]);
+    let mut model = Model::new(vec![0u8; SMALL_SIZE as usize], 512);
+    let stride = SMALL_SIZE / WRITERS;
+    let jobs: Vec<Job> = (0..WRITERS)
+        .map(|i| {
+            // Interleave the order so neighbouring ranges are not issued together; vary the offset
+            // inside the stride so writes are not all aligned to the L2 ranges.
+            let slot = (i * 389) % WRITERS;
+            let offset = slot * stride + (i % 7) * 4 * KIB;
+            Job {
+                offset,
+                data: Bytes::from(data_bytes(50_000 + i, LEN as usize)),
+            }
+        })
+        .collect();
+    for j in &jobs {
+        model.write(j.offset, &j.data);
+    }
+    let out = runner(&w, &jobs);
+    assert_same(&out.before_close, &model.data, "our read before close");
+    assert_same(&out.after_close, &model.data, "our read after close");
+    assert_same(
+        &qemu_raw(&w, "img.qcow2"),
+        &model.data,
+        "qemu-img convert -O raw",
+    );
+    let check = assert_check_clean(&w, "img.qcow2");
+    // Each 8 KiB write at a 4 KiB-aligned offset covers exactly 16 clusters of 512 bytes.
+    assert_eq!(
+        check_count(&check, "allocated-clusters"),
+        WRITERS * LEN / 512,
+        "allocated clusters: {check}"
+    );
+}
+
+#[test]
+fn concurrent_allocations_grow_metadata_std_multi_thread() {
+    metadata_growth(run_std);
+}
+
+#[test]
+fn concurrent_allocations_grow_metadata_uring_current_thread() {
+    if uring_or_skip("concurrent_allocations_grow_metadata_uring_current_thread") {
+        metadata_growth(run_on_uring);
     }
 }
