@@ -1,13 +1,308 @@
 //! Rebuilding refcounts of a dirty lazy-refcounts image on a read-write open (QEMU's
 //! `qcow2_check_refcounts` with `BDRV_FIX_ERRORS` on a dirty image).
 //!
-//! SKELETON (issue 3): H-ref implements.
+//! Spec: qcow2.txt, "Host cluster management", "Snapshots", "Bitmaps". What counts, as QEMU's
+//! `calculate_refcounts`: the header cluster; the active L1 table, every L2 table it references and the
+//! clusters their entries reference; the same for every snapshot's L1 table (an L2 table or data cluster
+//! shared by k tables counts k times); the snapshot table; the refcount table and every refcount block;
+//! with the bitmaps extension in force (autoclear bit 0), the bitmap directory, each bitmap table and
+//! each bitmap data cluster. Data clusters of normal and allocated-zero entries count once; a compressed
+//! entry counts once for every host cluster its byte range touches; with an external data file, data
+//! clusters are not counted (they live in the other file). An encryption header is not counted (the
+//! engine refuses encrypted images).
+//!
+//! The counts are kept in memory in the on-disk refcount block format (one buffer per refcount block),
+//! so memory is the size of the image's refcount metadata. Then every existing block is rewritten with
+//! the computed counts, blocks missing for referenced clusters are created (self-describing, growing
+//! the table if needed, through the allocator), and the file is synced. Every write is overlap-checked
+//! against the metadata found while counting.
 
+use std::collections::BTreeMap;
+
+use qcow2_format::error::FormatError;
+use qcow2_format::header::AutoclearFeatures;
 use qcow2_format::image_header::ImageHeader;
+use qcow2_format::l1::{L1Entry, MAX_L1_SIZE_BYTES};
+use qcow2_format::l2::{decode_l2_entry, raw_l2_entry, L2Entry};
+use qcow2_format::refcount::{get_refcount, set_refcount, RefcountOrder, MAX_REFTABLE_SIZE_BYTES};
+use qcow2_format::snapshot::{parse_snapshot_table, MAX_SNAPSHOTS_SIZE};
 use qcow2_io::Backend;
 
-use super::refcount::MetaIo;
+use super::overlap::{MetaKind, OverlapMap};
+use super::refcount::{sync, write_checked, MetaIo, Refcounts, MAX_HOST_END};
 use crate::error::{Error, Result};
+
+/// Largest bitmap table read (bytes): 8 Mi entries, far beyond what any real bitmap needs (a 64 KiB
+/// granularity bitmap of 16 TiB has 256 Ki bits = 4 clusters' worth of table at 64 KiB clusters).
+const MAX_BITMAP_TABLE_BYTES: u64 = 64 << 20;
+/// Offset bits of a bitmap table entry (bits 9-55).
+const BME_TABLE_ENTRY_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// First read size for the snapshot table.
+const SNAPSHOT_FIRST_CHUNK: u64 = 64 * 1024;
+
+/// Computed refcounts, in the refcount block format, by refcount table index.
+struct Counts<'a> {
+    name: &'a str,
+    order: RefcountOrder,
+    cluster_bits: u32,
+    epb: u64,
+    blocks: BTreeMap<u64, Vec<u8>>,
+}
+
+impl Counts<'_> {
+    /// One reference to every cluster overlapping `[off, off + len)`.
+    fn add_range(&mut self, off: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let end = off
+            .checked_add(len)
+            .filter(|&e| e <= MAX_HOST_END)
+            .ok_or_else(|| {
+                Error::corrupt(
+                    self.name,
+                    format!("a reference to {len} bytes at {off:#x} runs past 2^56"),
+                )
+            })?;
+        for c in (off >> self.cluster_bits)..=((end - 1) >> self.cluster_bits) {
+            self.add(c)?;
+        }
+        Ok(())
+    }
+
+    /// One reference to cluster `c`.
+    fn add(&mut self, c: u64) -> Result<()> {
+        let ti = c / self.epb;
+        let idx = (c % self.epb) as usize; // < 2^24
+        if ti >= MAX_REFTABLE_SIZE_BYTES / 8 {
+            return Err(Error::corrupt(
+                self.name,
+                format!(
+                    "a cluster at {:#x} is referenced, beyond what a refcount table of QEMU's maximum \
+                     size ({MAX_REFTABLE_SIZE_BYTES} bytes) can describe",
+                    c << self.cluster_bits
+                ),
+            ));
+        }
+        let cs = 1usize << self.cluster_bits;
+        let block = self.blocks.entry(ti).or_insert_with(|| vec![0; cs]);
+        let v = get_refcount(block, idx, self.order).map_err(Error::format(self.name))?;
+        let max = self.order.max_refcount();
+        if v >= max {
+            return Err(Error::RefcountOverflow {
+                path: self.name.to_owned(),
+                offset: c << self.cluster_bits,
+                max,
+            });
+        }
+        set_refcount(block, idx, self.order, v + 1).map_err(Error::format(self.name))
+    }
+}
+
+/// Reads `len` bytes at `off` (zeros past the end of the file).
+async fn read<B: Backend>(
+    io: &MetaIo<'_, B>,
+    off: u64,
+    len: u64,
+    what: &'static str,
+) -> Result<Vec<u8>> {
+    let len = usize::try_from(len)
+        .map_err(|_| Error::corrupt(io.name, format!("{what}: {len} bytes at {off:#x}")))?;
+    let (res, buf) = io.file.read_at(crate::buf::io_buf(len), off).await;
+    res.map_err(Error::io(io.name, what, off))?;
+    Ok(buf.to_vec())
+}
+
+/// Counts one L1 table (`entries`), its L2 tables and their clusters. `active`: registers the L2
+/// tables in `map` (QEMU's overlap set holds active L2 tables only).
+async fn count_l1<B: Backend>(
+    io: &MetaIo<'_, B>,
+    counts: &mut Counts<'_>,
+    map: &mut OverlapMap,
+    entries: &[u64],
+    what: &str,
+    active: bool,
+    has_data_file: bool,
+) -> Result<()> {
+    let geom = io.geom;
+    let cs = geom.cluster_size();
+    for (i, &raw) in entries.iter().enumerate() {
+        let e = L1Entry::decode(raw, geom).map_err(|e| {
+            Error::corrupt(io.name, format!("{what} entry {i} ({raw:#018x}): {e}"))
+        })?;
+        let Some(l2) = e.l2_offset.map(|o| o.0) else {
+            continue;
+        };
+        if l2 < cs {
+            return Err(Error::corrupt(
+                io.name,
+                format!("{what} entry {i} points to an L2 table at {l2:#x}, inside the header cluster"),
+            ));
+        }
+        counts.add_range(l2, cs)?;
+        if active {
+            map.insert(l2, cs, MetaKind::ActiveL2);
+        }
+        let table = read(io, l2, cs, "read L2 table").await?;
+        for j in 0..geom.l2_entries() as usize {
+            let entry = raw_l2_entry(&table, j, geom)
+                .and_then(|(raw, bm)| decode_l2_entry(raw, bm, geom, has_data_file))
+                .map_err(|e| {
+                    Error::corrupt(io.name, format!("L2 table at {l2:#x}, index {j}: {e}"))
+                })?
+                .0;
+            match entry {
+                L2Entry::Normal { host, .. }
+                | L2Entry::Zero {
+                    preallocated: Some(host),
+                    ..
+                } => {
+                    if !has_data_file {
+                        counts.add_range(host.0, cs)?;
+                    }
+                }
+                L2Entry::Compressed(desc) => {
+                    let (off, len) = desc.host_range();
+                    counts.add_range(off.0, len)?;
+                }
+                L2Entry::Zero {
+                    preallocated: None, ..
+                }
+                | L2Entry::Unallocated => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads an L1 table of `l1_size` entries at `off`.
+async fn read_l1<B: Backend>(io: &MetaIo<'_, B>, off: u64, l1_size: u64) -> Result<Vec<u64>> {
+    let bytes = l1_size
+        .checked_mul(8)
+        .filter(|&b| b <= MAX_L1_SIZE_BYTES)
+        .ok_or_else(|| {
+            Error::corrupt(io.name, format!("L1 table of {l1_size} entries is too large"))
+        })?;
+    let buf = read(io, off, bytes, "read snapshot L1 table").await?;
+    Ok(qcow2_format::l1::parse_l1_table(&buf))
+}
+
+/// Counts the snapshot table and every snapshot's L1 table and what it references.
+async fn count_snapshots<B: Backend>(
+    io: &MetaIo<'_, B>,
+    header: &ImageHeader,
+    file_len: u64,
+    counts: &mut Counts<'_>,
+    map: &mut OverlapMap,
+) -> Result<()> {
+    let h = &header.header;
+    if h.nb_snapshots == 0 {
+        return Ok(());
+    }
+    let offset = h.snapshots_offset;
+    let cap = MAX_SNAPSHOTS_SIZE.min(file_len.saturating_sub(offset));
+    let mut size = SNAPSHOT_FIRST_CHUNK.min(cap);
+    let (snapshots, table_len) = loop {
+        let buf = read(io, offset, size, "read snapshot table").await?;
+        match parse_snapshot_table(&buf, h.nb_snapshots) {
+            Ok(r) => break r,
+            Err(FormatError::Truncated { .. }) if size < cap => size = cap.min(size * 8),
+            Err(e) => {
+                return Err(Error::corrupt(
+                    io.name,
+                    format!("the snapshot table at {offset:#x}: {e}"),
+                ))
+            }
+        }
+    };
+    let table_len = table_len as u64;
+    counts.add_range(offset, table_len)?;
+    map.insert(offset, table_len, MetaKind::SnapshotTable);
+    let cs = io.geom.cluster_size();
+    for sn in &snapshots {
+        let off = sn.l1_table_offset;
+        let l1_size = u64::from(sn.l1_size);
+        if !io.geom.is_cluster_aligned(off) || (off < cs && l1_size > 0) {
+            return Err(Error::corrupt(
+                io.name,
+                format!(
+                    "snapshot {} ({}): L1 table offset {off:#x} is not cluster aligned or inside the \
+                     header cluster",
+                    sn.id, sn.name
+                ),
+            ));
+        }
+        let l1 = read_l1(io, off, l1_size).await?;
+        counts.add_range(off, l1_size * 8)?;
+        map.insert(off, l1_size * 8, MetaKind::InactiveL1);
+        let what = format!("L1 table of snapshot {}", sn.id);
+        count_l1(io, counts, map, &l1, &what, false, header.has_data_file()).await?;
+    }
+    Ok(())
+}
+
+/// Counts the bitmap directory, every bitmap table and every bitmap data cluster.
+async fn count_bitmaps<B: Backend>(
+    io: &MetaIo<'_, B>,
+    header: &ImageHeader,
+    counts: &mut Counts<'_>,
+    map: &mut OverlapMap,
+) -> Result<()> {
+    if !header
+        .header
+        .autoclear
+        .contains(AutoclearFeatures::BITMAPS)
+    {
+        return Ok(());
+    }
+    let Some((nb, size, off)) = header.bitmaps() else {
+        return Ok(());
+    };
+    // The format crate bounds the directory size to QEMU's 64 MiB limit.
+    let dir = read(io, off, size, "read bitmap directory").await?;
+    counts.add_range(off, size)?;
+    map.insert(off, size, MetaKind::BitmapDirectory);
+    let corrupt = |pos: usize| {
+        Error::corrupt(
+            io.name,
+            format!("bitmap directory at {off:#x}: entry at byte {pos} runs past its end ({size} bytes)"),
+        )
+    };
+    let field = |pos: usize, at: usize, n: usize| -> Result<u64> {
+        let s = dir
+            .get(pos + at..pos + at + n)
+            .ok_or_else(|| corrupt(pos))?;
+        Ok(s.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+    };
+    let mut pos = 0usize;
+    for _ in 0..nb {
+        let table_off = field(pos, 0, 8)?;
+        let table_size = field(pos, 8, 4)?;
+        let name_size = field(pos, 18, 2)? as usize;
+        let extra = field(pos, 20, 4)? as usize;
+        let entry_len = (24 + extra + name_size).div_ceil(8) * 8;
+        let table_bytes = table_size * 8;
+        if table_bytes > MAX_BITMAP_TABLE_BYTES || !io.geom.is_cluster_aligned(table_off) {
+            return Err(Error::corrupt(
+                io.name,
+                format!(
+                    "bitmap directory at {off:#x}: bitmap table at {table_off:#x} of {table_size} \
+                     entries is unaligned or larger than {MAX_BITMAP_TABLE_BYTES} bytes"
+                ),
+            ));
+        }
+        counts.add_range(table_off, table_bytes)?;
+        let table = read(io, table_off, table_bytes, "read bitmap table").await?;
+        for e in qcow2_format::l1::parse_l1_table(&table) {
+            let data = e & BME_TABLE_ENTRY_OFFSET_MASK;
+            if data != 0 {
+                counts.add_range(data, io.geom.cluster_size())?;
+            }
+        }
+        pos = pos.saturating_add(entry_len);
+    }
+    Ok(())
+}
 
 /// Recounts every reference (header, L1 tables active and of snapshots, L2 tables, data and compressed
 /// clusters, refcount table and blocks, snapshot table, bitmap directory) and rewrites the refcount
@@ -19,9 +314,70 @@ pub(crate) async fn rebuild_refcounts<B: Backend>(
     l1: &[u64],
     file_len: u64,
 ) -> Result<()> {
-    let _ = (header, l1, file_len);
-    Err(Error::Unsupported {
-        path: io.name.to_owned(),
-        what: "read-write open of a dirty image (refcount rebuild not implemented yet)".into(),
-    })
+    let geom = io.geom;
+    let cs = geom.cluster_size();
+    let order = header.refcount_order();
+    let mut counts = Counts {
+        name: io.name,
+        order,
+        cluster_bits: geom.cluster_bits,
+        epb: order.entries_per_block(geom.cluster_bits),
+        blocks: BTreeMap::new(),
+    };
+    let mut map = OverlapMap::new();
+
+    counts.add_range(0, cs)?;
+    map.insert(0, cs, MetaKind::Header);
+    let l1_off = header.l1_table_offset().0;
+    let l1_bytes = header.l1_table_bytes();
+    counts.add_range(l1_off, l1_bytes)?;
+    map.insert(l1_off, l1_bytes, MetaKind::ActiveL1);
+    count_l1(
+        io,
+        &mut counts,
+        &mut map,
+        l1,
+        "active L1 table",
+        true,
+        header.has_data_file(),
+    )
+    .await?;
+    count_snapshots(io, header, file_len, &mut counts, &mut map).await?;
+    count_bitmaps(io, header, &mut counts, &mut map).await?;
+
+    let mut refcounts = Refcounts::load(io, header, file_len).await?;
+    counts.add_range(
+        refcounts.table_offset(),
+        refcounts.table_clusters() * cs,
+    )?;
+    for ti in 0..refcounts.table_len() {
+        if let Some(off) = refcounts.block_at(ti) {
+            counts.add_range(off, cs)?;
+        }
+    }
+    refcounts.register_metadata(&mut map);
+
+    // Existing blocks get the computed counts (zeros where nothing is referenced).
+    let mut blocks = counts.blocks;
+    for ti in 0..refcounts.table_len() {
+        if let Some(off) = refcounts.block_at(ti) {
+            let data = blocks.remove(&ti).unwrap_or_else(|| vec![0; cs as usize]);
+            write_checked(
+                io,
+                &map,
+                off,
+                data,
+                Some((MetaKind::RefcountBlock, off)),
+                "write rebuilt refcount block",
+            )
+            .await?;
+        }
+    }
+    // Referenced clusters without a block: create the blocks (synced as they are made).
+    refcounts.set_phantom(blocks.into_iter().collect());
+    for ti in refcounts.phantom_indices() {
+        refcounts.ensure_block(io, &mut map, ti, None).await?;
+    }
+    refcounts.write_back(io, &map).await?;
+    sync(io).await
 }

@@ -311,6 +311,30 @@ impl Refcounts {
         self.alloc_end
     }
 
+    /// Rebuild: the number of refcount table entries.
+    pub(super) fn table_len(&self) -> u64 {
+        self.table.len() as u64
+    }
+
+    /// Rebuild: the block offset of table index `ti`, if it has a block.
+    pub(super) fn block_at(&self, ti: u64) -> Option<u64> {
+        self.block_offset(ti)
+    }
+
+    /// Rebuild: counts (whole blocks, by table index) for table indices that have no block yet; the
+    /// allocator treats them as in use and [`Refcounts::ensure_block`] takes them as the initial
+    /// content of the block it creates.
+    pub(super) fn set_phantom(&mut self, phantom: HashMap<u64, Vec<u8>>) {
+        self.phantom = phantom;
+    }
+
+    /// Rebuild: the table indices still waiting for a block, in order.
+    pub(super) fn phantom_indices(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.phantom.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Cluster size in bytes.
     fn cs(&self) -> u64 {
         1 << self.cluster_bits

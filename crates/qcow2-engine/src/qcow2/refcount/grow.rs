@@ -30,7 +30,7 @@ impl Refcounts {
     /// Makes sure table index `ti` has a refcount block, creating it (and growing the table) if not.
     /// `avoid`: an inclusive range of clusters the new block must not occupy (clusters about to be
     /// referenced by the caller).
-    pub(super) async fn ensure_block<B: Backend>(
+    pub(crate) async fn ensure_block<B: Backend>(
         &mut self,
         io: &MetaIo<'_, B>,
         map: &mut OverlapMap,
