@@ -127,16 +127,17 @@ async fn count_l1<B: Backend>(
     let geom = io.geom;
     let cs = geom.cluster_size();
     for (i, &raw) in entries.iter().enumerate() {
-        let e = L1Entry::decode(raw, geom).map_err(|e| {
-            Error::corrupt(io.name, format!("{what} entry {i} ({raw:#018x}): {e}"))
-        })?;
+        let e = L1Entry::decode(raw, geom)
+            .map_err(|e| Error::corrupt(io.name, format!("{what} entry {i} ({raw:#018x}): {e}")))?;
         let Some(l2) = e.l2_offset.map(|o| o.0) else {
             continue;
         };
         if l2 < cs {
             return Err(Error::corrupt(
                 io.name,
-                format!("{what} entry {i} points to an L2 table at {l2:#x}, inside the header cluster"),
+                format!(
+                    "{what} entry {i} points to an L2 table at {l2:#x}, inside the header cluster"
+                ),
             ));
         }
         counts.add_range(l2, cs)?;
@@ -181,7 +182,10 @@ async fn read_l1<B: Backend>(io: &MetaIo<'_, B>, off: u64, l1_size: u64) -> Resu
         .checked_mul(8)
         .filter(|&b| b <= MAX_L1_SIZE_BYTES)
         .ok_or_else(|| {
-            Error::corrupt(io.name, format!("L1 table of {l1_size} entries is too large"))
+            Error::corrupt(
+                io.name,
+                format!("L1 table of {l1_size} entries is too large"),
+            )
         })?;
     let buf = read(io, off, bytes, "read snapshot L1 table").await?;
     Ok(qcow2_format::l1::parse_l1_table(&buf))
@@ -248,11 +252,7 @@ async fn count_bitmaps<B: Backend>(
     counts: &mut Counts<'_>,
     map: &mut OverlapMap,
 ) -> Result<()> {
-    if !header
-        .header
-        .autoclear
-        .contains(AutoclearFeatures::BITMAPS)
-    {
+    if !header.header.autoclear.contains(AutoclearFeatures::BITMAPS) {
         return Ok(());
     }
     let Some((nb, size, off)) = header.bitmaps() else {
@@ -346,10 +346,7 @@ pub(crate) async fn rebuild_refcounts<B: Backend>(
     count_bitmaps(io, header, &mut counts, &mut map).await?;
 
     let mut refcounts = Refcounts::load(io, header, file_len).await?;
-    counts.add_range(
-        refcounts.table_offset(),
-        refcounts.table_clusters() * cs,
-    )?;
+    counts.add_range(refcounts.table_offset(), refcounts.table_clusters() * cs)?;
     for ti in 0..refcounts.table_len() {
         if let Some(off) = refcounts.block_at(ti) {
             counts.add_range(off, cs)?;
