@@ -30,6 +30,11 @@ impl Refcounts {
     /// Makes sure table index `ti` has a refcount block, creating it (and growing the table) if not.
     /// `avoid`: an inclusive range of clusters the new block must not occupy (clusters about to be
     /// referenced by the caller).
+    ///
+    /// The block goes to the first free cluster of the range it describes and counts itself. When that
+    /// range has no free cluster (only possible in a rebuild, where the counts come from the image's
+    /// references), it goes to the first free cluster elsewhere, counted by the block describing that
+    /// cluster, which is created first if needed and written before the new block is linked.
     pub(crate) async fn ensure_block<B: Backend>(
         &mut self,
         io: &MetaIo<'_, B>,
@@ -37,50 +42,107 @@ impl Refcounts {
         ti: u64,
         avoid: Option<(u64, u64)>,
     ) -> Result<()> {
-        if self.block_offset(ti).is_some() {
-            return Ok(());
-        }
-        let need = ti.saturating_add(1);
-        if need > self.table.len() as u64 {
-            self.grow_table(io, map, need).await?;
+        // Each round creates a block or grows the table, so a few rounds always suffice.
+        for _ in 0..MAX_LAYOUT_TRIES {
             if self.block_offset(ti).is_some() {
                 return Ok(());
             }
+            let need = ti.saturating_add(1);
+            if need > self.table.len() as u64 {
+                self.grow_table(io, map, need).await?;
+                continue;
+            }
+            if let Some(idx) = self.self_slot(io, ti, avoid)? {
+                return self.create_block(io, map, ti, idx).await;
+            }
+            // The range is full: find a free cluster elsewhere.
+            let (c2, _) = self.find_free_run(io, self.free_hint, 1).await?;
+            if avoid.is_some_and(|(a, b)| (a..=b).contains(&c2)) {
+                break;
+            }
+            let (ti2, _) = self.loc(c2);
+            if ti2 >= self.table.len() as u64 {
+                self.grow_table(io, map, ti2 + 1).await?;
+                continue;
+            }
+            if self.block_offset(ti2).is_none() {
+                // c2 is free, so block ti2 can describe itself.
+                if let Some(idx2) = self.self_slot(io, ti2, None)? {
+                    self.create_block(io, map, ti2, idx2).await?;
+                }
+                continue;
+            }
+            self.set(io, c2, 1).await?;
+            self.write_block(io, map, ti2).await?;
+            let data = self.take_initial(ti);
+            return self.link_block(io, map, ti, c2, data).await;
         }
-        let cs = self.cs();
-        let order = self.order;
-        let mut data = self
-            .phantom
-            .remove(&ti)
-            .unwrap_or_else(|| vec![0; cs as usize]);
-        // The first free cluster of the range the block describes: the block then counts itself.
+        Err(Error::corrupt(
+            io.name,
+            format!("no place found for the refcount block of refcount table entry {ti}"),
+        ))
+    }
+
+    /// The initial content of new block `ti`: its rebuild counts, or zeros.
+    fn take_initial(&mut self, ti: u64) -> Vec<u8> {
+        let cs = self.cs() as usize;
+        self.phantom.remove(&ti).unwrap_or_else(|| vec![0; cs])
+    }
+
+    /// The index (in block `ti`) of the first free cluster that block `ti` describes, other than the
+    /// header cluster and `avoid`.
+    fn self_slot(
+        &self,
+        io: &MetaIo<'_, impl Backend>,
+        ti: u64,
+        avoid: Option<(u64, u64)>,
+    ) -> Result<Option<usize>> {
         let base = ti.saturating_mul(self.epb);
-        let mut chosen = None;
+        let data = self.phantom.get(&ti);
         for idx in 0..self.epb as usize {
             let c = base + idx as u64;
             if c == 0 || avoid.is_some_and(|(a, b)| (a..=b).contains(&c)) {
                 continue;
             }
-            if get_refcount(&data, idx, order).map_err(Error::format(io.name))? == 0 {
-                chosen = Some((idx, c));
-                break;
+            let v = match data {
+                Some(d) => get_refcount(d, idx, self.order).map_err(Error::format(io.name))?,
+                None => 0,
+            };
+            if v == 0 {
+                return Ok(Some(idx));
             }
         }
-        let Some((idx, c)) = chosen else {
-            self.phantom.insert(ti, data);
-            return Err(Error::corrupt(
-                io.name,
-                format!(
-                    "every cluster described by refcount table entry {ti} is in use, but the entry \
-                     has no refcount block"
-                ),
-            ));
-        };
+        Ok(None)
+    }
+
+    /// Creates block `ti` at its own cluster `idx`, counting itself.
+    async fn create_block<B: Backend>(
+        &mut self,
+        io: &MetaIo<'_, B>,
+        map: &mut OverlapMap,
+        ti: u64,
+        idx: usize,
+    ) -> Result<()> {
+        let mut data = self.take_initial(ti);
+        set_refcount(&mut data, idx, self.order, 1).map_err(Error::format(io.name))?;
+        let c = ti.saturating_mul(self.epb) + idx as u64;
+        self.link_block(io, map, ti, c, data).await
+    }
+
+    /// Writes block `ti` with `data` at cluster `c`, syncs, links it in the table, syncs.
+    async fn link_block<B: Backend>(
+        &mut self,
+        io: &MetaIo<'_, B>,
+        map: &mut OverlapMap,
+        ti: u64,
+        c: u64,
+        data: Vec<u8>,
+    ) -> Result<()> {
+        let cs = self.cs();
         let off = c << self.cluster_bits;
         if off.saturating_add(cs) > MAX_HOST_END {
             return Err(too_big(io.name, "allocating a refcount block".into()));
         }
-        set_refcount(&mut data, idx, order, 1).map_err(Error::format(io.name))?;
         write_checked(io, map, off, data.clone(), None, "write new refcount block").await?;
         sync(io).await?;
         let entry = encode_reftable_entry(Some(HostOffset(off)), io.geom)
@@ -182,7 +244,8 @@ impl Refcounts {
         let cb = self.cluster_bits;
         let order = self.order;
         let b = missing.len() as u64;
-        let end = start + b + t; // <= 2^56 / cs (find_free_run)
+        let end = start + b + t;
+        // <= 2^56 / cs (find_free_run)
         let mut new_blocks: Vec<(u64, u64, Vec<u8>)> = missing
             .iter()
             .enumerate()
@@ -271,11 +334,18 @@ impl Refcounts {
         let first_old = old_off >> cb;
         for c in first_old..first_old + old_clusters {
             let v = self.rc(io, c).await?;
-            if v > 0 {
+            if v == 0 {
+                continue;
+            }
+            let (ti, idx) = self.loc(c);
+            if self.block_offset(ti).is_some() {
                 self.set(io, c, v - 1).await?;
-                if v == 1 {
-                    self.free_hint = self.free_hint.min(c).max(1);
-                }
+            } else if let Some(p) = self.phantom.get_mut(&ti) {
+                // Rebuild: the old table lies in a range whose block is still to be created.
+                set_refcount(p, idx, order, v - 1).map_err(Error::format(io.name))?;
+            }
+            if v == 1 {
+                self.free_hint = self.free_hint.min(c).max(1);
             }
         }
         Ok(())
