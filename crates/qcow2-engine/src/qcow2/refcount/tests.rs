@@ -224,7 +224,7 @@ async fn blocks_and_table_grow_self_describing() {
         while allocated < total {
             let n = 1 + i % 7;
             let a = rc.alloc(&io, &mut map, n).await.unwrap();
-            assert!(a.offset >= 512 && a.offset % 512 == 0);
+            assert!(a.offset >= 512 && a.offset.is_multiple_of(512));
             // No overlap with what is live, nor with metadata.
             assert_eq!(
                 map.check(a.offset, n * 512, None),
@@ -240,7 +240,7 @@ async fn blocks_and_table_grow_self_describing() {
                 allocated -= f.clusters;
                 rc.apply_deferred(&io, &|_| false).await.unwrap();
             }
-            if i % 97 == 0 {
+            if i.is_multiple_of(97) {
                 rc.write_back(&io, &map).await.unwrap();
             }
             i += 1;
