@@ -269,8 +269,9 @@ async fn count_bitmaps<B: Backend>(
         )
     };
     let field = |pos: usize, at: usize, n: usize| -> Result<u64> {
+        let from = pos.saturating_add(at);
         let s = dir
-            .get(pos + at..pos + at + n)
+            .get(from..from.saturating_add(n))
             .ok_or_else(|| corrupt(pos))?;
         Ok(s.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
     };
@@ -422,9 +423,14 @@ mod tests {
         )
     }
 
+    /// Creates an image with `opts`, runs the qemu-img commands `pre` on it, writes `before` with
+    /// qemu-io, takes a snapshot if asked, writes `dirty` and aborts; damages the refcounts, rebuilds,
+    /// and checks with qemu-img.
+    #[allow(clippy::too_many_arguments)]
     async fn case(
         opts: &str,
         size: &str,
+        pre: &[&[&str]],
         before: &[&str],
         snapshot: bool,
         dirty: &[&str],
@@ -436,6 +442,9 @@ mod tests {
             d,
             &["create", "-q", "-f", "qcow2", "-o", opts, "img.qcow2", size],
         );
+        for cmd in pre {
+            qemu_img(d, cmd);
+        }
         let io_cmds = |cmds: &[&str], abort: bool| {
             let mut args = vec!["-f", "qcow2"];
             for c in cmds {
@@ -559,6 +568,7 @@ mod tests {
             case(
                 "lazy_refcounts=on,cluster_size=4096",
                 "16M",
+                &[],
                 &before,
                 true,
                 &dirty,
@@ -569,9 +579,26 @@ mod tests {
         case(
             "lazy_refcounts=on,extended_l2=on",
             "64M",
+            &[],
             &before,
             true,
             &dirty,
+            Damage::Zero,
+        )
+        .await;
+    }
+
+    /// A persistent bitmap: its directory, table and data clusters count (autoclear bit 0 is set).
+    #[tokio::test]
+    async fn rebuild_counts_bitmaps() {
+        skip_without_qemu!();
+        case(
+            "lazy_refcounts=on,cluster_size=4096",
+            "64M",
+            &[&["bitmap", "--add", "img.qcow2", "bm0"]],
+            &["write -P 1 0 1M"],
+            false,
+            &["write -P 2 2M 1M"],
             Damage::Zero,
         )
         .await;
@@ -585,6 +612,7 @@ mod tests {
         case(
             "lazy_refcounts=on,cluster_size=512,refcount_bits=64",
             "8M",
+            &[],
             &before,
             false,
             &dirty,
@@ -594,6 +622,7 @@ mod tests {
         case(
             "lazy_refcounts=on,cluster_size=512,refcount_bits=2",
             "8M",
+            &[],
             &before,
             true,
             &dirty,
@@ -610,6 +639,7 @@ mod tests {
         case(
             "lazy_refcounts=on,cluster_size=512",
             "8M",
+            &[],
             &before,
             false,
             &dirty,
@@ -621,6 +651,7 @@ mod tests {
         case(
             "lazy_refcounts=on,cluster_size=512,refcount_bits=64",
             "8M",
+            &[],
             &["write -P 1 0 1M"],
             false,
             &["write -P 2 1M 2M"],
