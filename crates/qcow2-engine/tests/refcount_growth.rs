@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{open, qemu_img, skip_without_qemu, temp_dir};
+use common::{create_qcow2, open, qemu_img, skip_without_qemu, temp_dir};
 use qcow2_engine::OpenOptions;
 use qcow2_testkit::{qemu_img_raw, run};
 
@@ -42,19 +42,7 @@ impl Rng {
 async fn scatter(opts: &str, size: u64, rounds: usize, seed: u64) -> u32 {
     let dir = temp_dir();
     let d = dir.path();
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            opts,
-            "img.qcow2",
-            &size.to_string(),
-        ],
-    );
+    create_qcow2(d, "img.qcow2", &size.to_string(), opts, None);
     let rw = OpenOptions {
         read_only: false,
         ..OpenOptions::default()
