@@ -309,12 +309,28 @@ async fn count_bitmaps<B: Backend>(
 /// clusters, refcount table and blocks, snapshot table, bitmap directory) and rewrites the refcount
 /// blocks on disk to match (leaks and too-low counts both corrected), then fdatasyncs. The caller then
 /// clears the dirty bit. `l1` is the active L1 table.
+///
+/// When the rebuild had to create refcount blocks or move the refcount table (only for images whose
+/// refcount structures do not cover every referenced cluster), the caller's header copy and file length
+/// are stale afterwards: [`rebuild_and_load`] returns the loaded refcount state instead.
 pub(crate) async fn rebuild_refcounts<B: Backend>(
     io: &MetaIo<'_, B>,
     header: &ImageHeader,
     l1: &[u64],
     file_len: u64,
 ) -> Result<()> {
+    rebuild_and_load(io, header, l1, file_len).await.map(drop)
+}
+
+/// [`rebuild_refcounts`], returning the refcount state as [`Refcounts::load`] would load it afterwards
+/// (the table possibly moved: see [`Refcounts::table_offset`]; blocks possibly past `file_len`), so that
+/// the caller need not reload with a stale header or file length.
+pub(crate) async fn rebuild_and_load<B: Backend>(
+    io: &MetaIo<'_, B>,
+    header: &ImageHeader,
+    l1: &[u64],
+    file_len: u64,
+) -> Result<Refcounts> {
     let geom = io.geom;
     let cs = geom.cluster_size();
     let order = header.refcount_order();
@@ -377,7 +393,8 @@ pub(crate) async fn rebuild_refcounts<B: Backend>(
         refcounts.ensure_block(io, &mut map, ti, None).await?;
     }
     refcounts.write_back(io, &map).await?;
-    sync(io).await
+    sync(io).await?;
+    Ok(refcounts)
 }
 
 #[cfg(test)]
@@ -518,7 +535,17 @@ mod tests {
             name: "img.qcow2",
             geom: header.geometry(),
         };
-        rebuild_refcounts(&io, &header, &l1, len).await.unwrap();
+        let mut rc = rebuild_and_load(&io, &header, &l1, len).await.unwrap();
+        // The returned state matches the header on disk and allocates past everything in use.
+        let now = file.contents();
+        assert_eq!(be64(&now, 48), rc.table_offset(), "{opts} {damage:?}");
+        let mut map = OverlapMap::new();
+        rc.register_metadata(&mut map);
+        let a = rc.alloc(&io, &mut map, 1).await.unwrap();
+        assert_eq!(rc.get(&io, a.offset).await.unwrap(), 1);
+        rc.defer_decrement(a.offset, 1);
+        rc.apply_deferred(&io, &|_| false).await.unwrap();
+        rc.write_back(&io, &map).await.unwrap();
         // What the caller does next: clear the dirty bit.
         let mut incompat = contents[72..80].to_vec();
         incompat[7] &= !1;
