@@ -14,7 +14,8 @@ use std::collections::BTreeMap;
 /// The kind of a metadata structure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum MetaKind {
-    /// The header cluster (cluster 0; with extensions it may be more than a cluster? no: one cluster).
+    /// The header cluster (cluster 0: the header, its extensions and the backing file name all live in
+    /// it).
     Header,
     /// The active L1 table.
     ActiveL1,

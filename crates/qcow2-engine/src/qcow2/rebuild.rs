@@ -42,10 +42,15 @@ const SNAPSHOT_FIRST_CHUNK: u64 = 64 * 1024;
 
 /// Computed refcounts, in the refcount block format, by refcount table index.
 struct Counts<'a> {
+    /// The image name, for messages.
     name: &'a str,
+    /// Refcount width (overflow is an error, as it would be for the allocator).
     order: RefcountOrder,
+    /// log2 of the cluster size.
     cluster_bits: u32,
+    /// Refcount entries per block.
     epb: u64,
+    /// One buffer per refcount table index with any reference: the block as it must be on disk.
     blocks: BTreeMap<u64, Vec<u8>>,
 }
 
