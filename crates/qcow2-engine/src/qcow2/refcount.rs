@@ -193,8 +193,9 @@ fn too_big(name: &str, what: String) -> Error {
 
 impl Refcounts {
     /// Loads the refcount table named by `header` (blocks are read on demand and cached whole).
-    /// `file_len` is the image file's length at open. `lazy`: the image uses lazy refcounts (blocks may
-    /// lag on disk; the caller handles the dirty bit).
+    /// `file_len` is the image file's length at open. Lazy refcounts need nothing here: in-memory counts
+    /// are exact either way (a dirty image is rebuilt first); the caller handles the dirty bit and when
+    /// to call [`Refcounts::write_back`].
     ///
     /// Every table entry is validated here (aligned, after the header cluster, inside the file), so that
     /// later lookups can trust the table.
