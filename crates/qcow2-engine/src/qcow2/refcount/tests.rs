@@ -331,3 +331,33 @@ async fn invalid_refcount_table_entries_are_corruption() {
         );
     }
 }
+
+/// Allocation cost on the benchmark's shape (1 GiB of 64 KiB clusters, one cluster per allocation, a
+/// write-back every 32 allocations, some frees): prints the time per allocation. Run with
+/// `--ignored --nocapture`.
+#[tokio::test]
+#[ignore]
+async fn alloc_speed() {
+    let (_dir, _path, bytes) = {
+        skip_without_qemu!();
+        make_image("cluster_size=65536", "1G")
+    };
+    let (file, header, len) = open(bytes).await;
+    let io = meta_io(&file, &header);
+    let mut rc = Refcounts::load(&io, &header, len).await.unwrap();
+    let mut map = overlap_map(&header, &rc);
+    let t = std::time::Instant::now();
+    let n = 16_000u64;
+    for i in 0..n {
+        let a = rc.alloc(&io, &mut map, 1).await.unwrap();
+        if i % 100 == 0 {
+            rc.defer_decrement(a.offset, 1);
+            rc.apply_deferred(&io, &|_| false).await.unwrap();
+        }
+        if i % 32 == 31 {
+            rc.write_back(&io, &map).await.unwrap();
+        }
+    }
+    let per = t.elapsed() / n as u32;
+    eprintln!("alloc: {per:?} per cluster");
+}
