@@ -257,16 +257,43 @@ async fn count_bitmaps<B: Backend>(
     counts: &mut Counts<'_>,
     map: &mut OverlapMap,
 ) -> Result<()> {
-    if !header.header.autoclear.contains(AutoclearFeatures::BITMAPS) {
-        return Ok(());
-    }
-    let Some((nb, size, off)) = header.bitmaps() else {
+    let Some((off, size)) = bitmap_directory(header) else {
         return Ok(());
     };
+    map.insert(off, size, MetaKind::BitmapDirectory);
+    for (o, l) in bitmap_ranges(io, header).await? {
+        counts.add_range(o, l)?;
+    }
+    Ok(())
+}
+
+/// The bitmap directory `(offset, size)` when the bitmaps extension is in force (autoclear bit 0 set:
+/// QEMU ignores the extension otherwise).
+fn bitmap_directory(header: &ImageHeader) -> Option<(u64, u64)> {
+    if !header.header.autoclear.contains(AutoclearFeatures::BITMAPS) {
+        return None;
+    }
+    header.bitmaps().map(|(_, size, off)| (off, size))
+}
+
+/// Every host range holding persistent-bitmap data, each a reference: the bitmap directory, each
+/// bitmap table, each bitmap data cluster. Empty when the bitmaps extension is not in force.
+///
+/// A caller that clears autoclear bit 0 (the engine does not maintain bitmaps) can drop these
+/// references ([`Refcounts::defer_decrement`] for each range) so that the clusters are freed rather
+/// than leaked: once the bit is clear, QEMU ignores the extension and counts none of them.
+pub(crate) async fn bitmap_ranges<B: Backend>(
+    io: &MetaIo<'_, B>,
+    header: &ImageHeader,
+) -> Result<Vec<(u64, u64)>> {
+    let Some((off, size)) = bitmap_directory(header) else {
+        return Ok(Vec::new());
+    };
+    let nb = header.bitmaps().map_or(0, |(nb, _, _)| nb);
+    let cs = io.geom.cluster_size();
+    let mut out = vec![(off, size)];
     // The format crate bounds the directory size to QEMU's 64 MiB limit.
     let dir = read(io, off, size, "read bitmap directory").await?;
-    counts.add_range(off, size)?;
-    map.insert(off, size, MetaKind::BitmapDirectory);
     let corrupt = |pos: usize| {
         Error::corrupt(
             io.name,
@@ -297,17 +324,19 @@ async fn count_bitmaps<B: Backend>(
                 ),
             ));
         }
-        counts.add_range(table_off, table_bytes)?;
+        if table_bytes > 0 {
+            out.push((table_off, table_bytes));
+        }
         let table = read(io, table_off, table_bytes, "read bitmap table").await?;
         for e in qcow2_format::l1::parse_l1_table(&table) {
             let data = e & BME_TABLE_ENTRY_OFFSET_MASK;
             if data != 0 {
-                counts.add_range(data, io.geom.cluster_size())?;
+                out.push((data, cs));
             }
         }
         pos = pos.saturating_add(entry_len);
     }
-    Ok(())
+    Ok(out)
 }
 
 /// Recounts every reference (header, L1 tables active and of snapshots, L2 tables, data and compressed
@@ -634,6 +663,65 @@ mod tests {
             Damage::Zero,
         )
         .await;
+    }
+
+    /// Dropping the bitmap references when clearing autoclear bit 0 leaves neither leaks nor errors.
+    #[tokio::test]
+    async fn bitmap_references_can_be_dropped_with_the_autoclear_bit() {
+        skip_without_qemu!();
+        let dir = temp_dir();
+        let d = dir.path();
+        qemu_img(
+            d,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=4096",
+                "img.qcow2",
+                "64M",
+            ],
+        );
+        qemu_img(d, &["bitmap", "--add", "img.qcow2", "bm0"]);
+        let out = run(
+            d,
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 1 0 3M", "img.qcow2"],
+        );
+        assert!(out.status.success());
+        let path = d.join("img.qcow2");
+        let bytes = std::fs::read(&path).unwrap();
+        let len = bytes.len() as u64;
+        let file = MemoryBackend::from_vec(bytes);
+        let header = crate::qcow2::read_image_header(&file, "img.qcow2", len)
+            .await
+            .unwrap();
+        let io = MetaIo {
+            file: &file,
+            name: "img.qcow2",
+            geom: header.geometry(),
+        };
+        let ranges = bitmap_ranges(&io, &header).await.unwrap();
+        // Directory, table, and data clusters.
+        assert!(ranges.len() >= 3, "{ranges:?}");
+        let mut rc = Refcounts::load(&io, &header, len).await.unwrap();
+        let mut map = OverlapMap::new();
+        rc.register_metadata(&mut map);
+        for &(o, l) in &ranges {
+            rc.defer_decrement(o, l);
+        }
+        // The caller clears the bit (durably) before the references are dropped.
+        let mut autoclear = file.contents()[88..96].to_vec();
+        autoclear[7] &= !1;
+        file.write_at(autoclear.into(), 88).await.unwrap();
+        let freed = rc.apply_deferred(&io, &|_| false).await.unwrap();
+        assert!(!freed.is_empty());
+        rc.write_back(&io, &map).await.unwrap();
+        std::fs::write(&path, file.contents()).unwrap();
+        let (code, text) = check(d, "img.qcow2");
+        assert_eq!(code, 0, "{text}");
     }
 
     #[tokio::test]
