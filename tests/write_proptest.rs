@@ -70,8 +70,10 @@ struct Spec {
     kind: Kind,
     /// Cluster-aligned start and whole-cluster length.
     aligned: bool,
-    /// Gap before it, as a fraction (0..1000 per mille) of the largest gap.
+    /// Gap before it, as a fraction (0..1000 per mille) of the largest gap, or with `near` of a cluster
+    /// (so that it shares a cluster with the previous request).
     gap: u64,
+    near: bool,
     /// Length in bytes (unaligned) or clusters (aligned), before clamping.
     len: u64,
 }
@@ -106,12 +108,20 @@ fn kind() -> impl Strategy<Value = Kind> {
 }
 
 fn spec() -> impl Strategy<Value = Spec> {
-    (kind(), any::<bool>(), 0u64..1000, 1u64..200_000).prop_map(|(kind, aligned, gap, len)| Spec {
-        kind,
-        aligned,
-        gap,
-        len,
-    })
+    (
+        kind(),
+        any::<bool>(),
+        0u64..1000,
+        any::<bool>(),
+        1u64..200_000,
+    )
+        .prop_map(|(kind, aligned, gap, near, len)| Spec {
+            kind,
+            aligned,
+            gap,
+            near,
+            len,
+        })
 }
 
 fn geometry(with_backing: bool) -> impl Strategy<Value = Geometry> {
@@ -157,9 +167,9 @@ fn geometry(with_backing: bool) -> impl Strategy<Value = Geometry> {
 fn case(with_backing: bool) -> impl Strategy<Value = Case> {
     (
         geometry(with_backing),
-        proptest::collection::vec(spec(), 1..40),
+        proptest::collection::vec(spec(), 1..64),
         any::<u64>(),
-        0usize..40,
+        0usize..64,
     )
         .prop_map(|(geometry, specs, seed, flush_after)| Case {
             geometry,
@@ -194,7 +204,12 @@ fn place(c: &Case, pattern_writes: bool) -> Vec<Op> {
     let mut cursor = 0u64;
     let mut ops = Vec::new();
     for (i, s) in c.specs.iter().enumerate() {
-        let mut off = cursor + max_gap * s.gap / 1000;
+        let gap = if s.near {
+            g.cluster * s.gap / 1000
+        } else {
+            max_gap * s.gap / 1000
+        };
+        let mut off = cursor + gap;
         let len = if s.aligned {
             off = off.div_ceil(g.cluster) * g.cluster;
             (1 + s.len % 4) * g.cluster
@@ -443,9 +458,14 @@ fn run_memory(c: &Case) {
     oracle(&w, "mem.qcow2", &expected);
 }
 
+/// 24 cases per property (about 15 s in debug); `PROPTEST_CASES=N` runs more when hunting.
 fn config() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
     ProptestConfig {
-        cases: 24,
+        cases,
         failure_persistence: None,
         max_shrink_iters: 32,
         ..ProptestConfig::default()
