@@ -10,9 +10,10 @@
 //!
 //! Images are made by qemu-img with data already in them (converted from a raw file with data and zero
 //! runs, or over a raw backing file with a few clusters of the overlay written by qemu-io), with cluster
-//! sizes 512 B, 4 KiB and 64 KiB, with and without extended L2. It runs on the multi-threaded Tokio
-//! runtime with the std-file backend, on the current-thread tokio-uring runtime with the io_uring backend,
-//! and with the memory backend (the image file's bytes loaded into it, written back for qemu-img after).
+//! sizes 512 B, 4 KiB and 64 KiB, with and without extended L2, refcount widths 1, 16 and 64, lazy
+//! refcounts and compat 0.10 (v2 without a backing file, where discards and zero writes also read as
+//! zeros). It runs on the multi-threaded Tokio runtime with the std-file backend, on the current-thread
+//! tokio-uring runtime with the io_uring backend, and with the memory backend (the image file's bytes loaded into it, written back for qemu-img after).
 //! The model itself is checked against qemu-io running the same requests (with pattern data).
 
 mod common;
@@ -35,6 +36,8 @@ struct Geometry {
     extended_l2: bool,
     /// The overlay of a raw backing file (else converted from raw data).
     backing: bool,
+    /// More `-o` options (refcount width, compat, lazy refcounts).
+    extra: &'static str,
 }
 
 impl Geometry {
@@ -51,6 +54,10 @@ impl Geometry {
         let mut o = format!("cluster_size={}", self.cluster);
         if self.extended_l2 {
             o.push_str(",extended_l2=on");
+        }
+        if !self.extra.is_empty() {
+            o.push(',');
+            o.push_str(self.extra);
         }
         o
     }
@@ -125,41 +132,24 @@ fn spec() -> impl Strategy<Value = Spec> {
 }
 
 fn geometry(with_backing: bool) -> impl Strategy<Value = Geometry> {
+    let g = |cluster, extended_l2, backing, extra| Geometry {
+        cluster,
+        extended_l2,
+        backing,
+        extra,
+    };
     let mut all = vec![
-        Geometry {
-            cluster: 512,
-            extended_l2: false,
-            backing: false,
-        },
-        Geometry {
-            cluster: 4096,
-            extended_l2: false,
-            backing: false,
-        },
-        Geometry {
-            cluster: 65536,
-            extended_l2: false,
-            backing: false,
-        },
-        Geometry {
-            cluster: 65536,
-            extended_l2: true,
-            backing: false,
-        },
+        g(512, false, false, ""),
+        g(512, false, false, "refcount_bits=1"),
+        g(4096, false, false, ""),
+        g(4096, false, false, "lazy_refcounts=on"),
+        g(65536, false, false, ""),
+        g(65536, false, false, "compat=0.10"),
+        g(65536, false, false, "refcount_bits=64"),
+        g(65536, true, false, ""),
     ];
     if with_backing {
-        all.extend([
-            Geometry {
-                cluster: 4096,
-                extended_l2: false,
-                backing: true,
-            },
-            Geometry {
-                cluster: 65536,
-                extended_l2: true,
-                backing: true,
-            },
-        ]);
+        all.extend([g(4096, false, true, ""), g(65536, true, true, "")]);
     }
     proptest::sample::select(all)
 }
