@@ -13,8 +13,9 @@
 //! sizes 512 B, 4 KiB and 64 KiB, with and without extended L2, refcount widths 1, 16 and 64, lazy
 //! refcounts and compat 0.10 (v2 without a backing file, where discards and zero writes also read as
 //! zeros). It runs on the multi-threaded Tokio runtime with the std-file backend, on the current-thread
-//! tokio-uring runtime with the io_uring backend, and with the memory backend (the image file's bytes loaded into it, written back for qemu-img after).
-//! The model itself is checked against qemu-io running the same requests (with pattern data).
+//! tokio-uring runtime with the io_uring backend, and with the memory backend (the image file's bytes
+//! loaded into it, written back for qemu-img after). The model itself is checked against qemu-io running
+//! the same requests (with pattern data).
 
 mod common;
 
