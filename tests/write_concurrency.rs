@@ -9,8 +9,10 @@
 //! each one whole 64 KiB extent at its own host offset; `qemu-img check` is clean, counts 8 allocated
 //! clusters and the file grew by at most the 8 data clusters and one L2 table.
 //!
-//! Variants: half of every cluster written over a backing file (the other half must be copied from the
-//! backing file by whichever request allocates, without clobbering what the others wrote), and extended
+//! Variants: half of every cluster written over a backing file, over clusters shared with an internal
+//! snapshot and over compressed clusters (the other half must be copied from the old content by whichever
+//! request allocates, without clobbering what the others wrote; the snapshot must still read as before),
+//! and extended
 //! L2 (32 sub-clusters of 2 KiB: every 4 KiB writer allocates two sub-clusters of a shared cluster).
 //!
 //! A second shape stresses metadata allocation under concurrency: 1024 writers of 8 KiB at once into an
@@ -44,10 +46,23 @@ const SLOTS: u64 = CLUSTER / WRITE;
 struct Scenario {
     /// `-o` options of the image.
     options: &'static str,
-    /// Give the image a raw backing file with non-zero data everywhere.
-    backing: bool,
+    /// What the 8 clusters hold before the writes.
+    base: Base,
     /// Write only the even 4 KiB slots of each cluster (the odd ones keep the backing data).
     even_slots_only: bool,
+}
+
+/// The state of the image before the concurrent writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Base {
+    /// Fresh: nothing allocated.
+    Empty,
+    /// Nothing allocated, over a raw backing file with non-zero data everywhere.
+    Backing,
+    /// The 8 clusters hold data shared with an internal snapshot (COPIED clear in L1 and L2).
+    Snapshot,
+    /// The 8 clusters are compressed (`qemu-img convert -c`).
+    Compressed,
 }
 
 /// One writer: `data` at guest `offset`.
@@ -80,13 +95,60 @@ fn setup(w: &Work, s: &Scenario) -> Model {
     let size = SIZE.to_string();
     let mut initial = vec![0u8; SIZE as usize];
     let mut args = vec!["create", "-q", "-f", "qcow2", "-o", s.options];
-    if s.backing {
+    if s.base == Base::Backing {
         initial = data_bytes(7, SIZE as usize);
         w.write_file("base.raw", &initial);
         args.extend(["-b", "base.raw", "-F", "raw"]);
     }
-    args.extend(["img.qcow2", &size]);
+    let target = if s.base == Base::Compressed {
+        "src.qcow2"
+    } else {
+        "img.qcow2"
+    };
+    args.extend([target, &size]);
     w.qemu_img(&args);
+    if matches!(s.base, Base::Snapshot | Base::Compressed) {
+        let cmds: Vec<String> = GUEST_CLUSTERS
+            .iter()
+            .enumerate()
+            .map(|(k, c)| format!("write -P {} {} {CLUSTER}", 0x40 + k, c * CLUSTER))
+            .collect();
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        w.qemu_io(&["-f", "qcow2"], target, &cmds);
+        for (k, c) in GUEST_CLUSTERS.iter().enumerate() {
+            let o = (c * CLUSTER) as usize;
+            initial[o..o + CLUSTER as usize].fill(0x40 + k as u8);
+        }
+    }
+    match s.base {
+        Base::Snapshot => {
+            w.qemu_img(&["snapshot", "-c", "snap1", "img.qcow2"]);
+        }
+        Base::Compressed => {
+            w.qemu_img(&[
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                s.options,
+                "src.qcow2",
+                "img.qcow2",
+            ]);
+            let map = common::parse_json(&w.qemu_img(&["map", "--output=json", "img.qcow2"]));
+            let compressed = map
+                .as_array()
+                .expect("map is an array")
+                .iter()
+                .filter(|e| e["compressed"] == true)
+                .count();
+            assert_eq!(
+                compressed, 8,
+                "setup: expected 8 compressed clusters: {map}"
+            );
+        }
+        Base::Empty | Base::Backing => {}
+    }
     Model::new(initial, CLUSTER)
 }
 
@@ -207,6 +269,7 @@ fn top_data_extents(w: &Work) -> Vec<Value> {
 fn scenario(s: Scenario, runner: fn(&Work, &[Job]) -> Outcome) {
     let w = Work::new();
     let mut model = setup(&w, &s);
+    let initial = model.data.clone();
     let end_before = check_count(&assert_check_clean(&w, "img.qcow2"), "image-end-offset");
     assert!(end_before > 0, "qemu-img check reports no image-end-offset");
     let jobs = jobs(&s);
@@ -260,28 +323,31 @@ fn scenario(s: Scenario, runner: fn(&Work, &[Job]) -> Outcome) {
         "the file grew from {end_before:#x} to {end_after:#x}: more than 8 data clusters and one L2 \
          table were allocated (check: {check})"
     );
+
+    if s.base == Base::Snapshot {
+        // The snapshot still holds the content from before the writes.
+        std::fs::copy(w.p("img.qcow2"), w.p("reverted.qcow2")).expect("copy");
+        w.qemu_img(&["snapshot", "-a", "snap1", "reverted.qcow2"]);
+        assert_same(
+            &qemu_raw(&w, "reverted.qcow2"),
+            &initial,
+            "snapshot snap1 after the concurrent writes",
+        );
+    }
 }
 
 fn plain() -> Scenario {
     Scenario {
         options: "cluster_size=64k",
-        backing: false,
+        base: Base::Empty,
         even_slots_only: false,
-    }
-}
-
-fn half_over_backing() -> Scenario {
-    Scenario {
-        options: "cluster_size=64k",
-        backing: true,
-        even_slots_only: true,
     }
 }
 
 fn extended_l2() -> Scenario {
     Scenario {
         options: "cluster_size=64k,extended_l2=on",
-        backing: false,
+        base: Base::Empty,
         even_slots_only: false,
     }
 }
@@ -300,13 +366,13 @@ fn concurrent_writes_fresh_clusters_uring_current_thread() {
 
 #[test]
 fn concurrent_partial_writes_over_backing_std_multi_thread() {
-    scenario(half_over_backing(), run_std);
+    scenario(half_over(Base::Backing), run_std);
 }
 
 #[test]
 fn concurrent_partial_writes_over_backing_uring_current_thread() {
     if uring_or_skip("concurrent_partial_writes_over_backing_uring_current_thread") {
-        scenario(half_over_backing(), run_on_uring);
+        scenario(half_over(Base::Backing), run_on_uring);
     }
 }
 
@@ -382,5 +448,37 @@ fn concurrent_allocations_grow_metadata_std_multi_thread() {
 fn concurrent_allocations_grow_metadata_uring_current_thread() {
     if uring_or_skip("concurrent_allocations_grow_metadata_uring_current_thread") {
         metadata_growth(run_on_uring);
+    }
+}
+
+fn half_over(base: Base) -> Scenario {
+    Scenario {
+        options: "cluster_size=64k",
+        base,
+        even_slots_only: true,
+    }
+}
+
+#[test]
+fn concurrent_partial_writes_into_snapshot_clusters_std_multi_thread() {
+    scenario(half_over(Base::Snapshot), run_std);
+}
+
+#[test]
+fn concurrent_partial_writes_into_snapshot_clusters_uring_current_thread() {
+    if uring_or_skip("concurrent_partial_writes_into_snapshot_clusters_uring_current_thread") {
+        scenario(half_over(Base::Snapshot), run_on_uring);
+    }
+}
+
+#[test]
+fn concurrent_partial_writes_into_compressed_clusters_std_multi_thread() {
+    scenario(half_over(Base::Compressed), run_std);
+}
+
+#[test]
+fn concurrent_partial_writes_into_compressed_clusters_uring_current_thread() {
+    if uring_or_skip("concurrent_partial_writes_into_compressed_clusters_uring_current_thread") {
+        scenario(half_over(Base::Compressed), run_on_uring);
     }
 }
