@@ -4,9 +4,10 @@
 //! never has: (a) an internal snapshot (L2 tables and data clusters shared, COPIED cleared in L1 and L2),
 //! (b) compressed images (`qemu-img convert -c`, zlib and zstd), (c) zero clusters that kept their
 //! allocation (`write -z` over data: COPIED set, yet the data must not show through), (d) extended L2
-//! with partially allocated and zeroed sub-clusters over a backing file. Each image is copied to a twin;
-//! the same seeded script of writes, zero writes (with and without unmap), discards and flushes runs on
-//! the twin through qemu-io and on ours through the engine. Then `qemu-img compare` finds the two
+//! with partially allocated and zeroed sub-clusters over a backing file; (a)-(c) also with extended L2,
+//! and a v2 overlay of a backing file (where discards and zero writes differ most). Each image is copied
+//! to a twin; the same seeded script of writes, zero writes (with and without unmap), discards and
+//! flushes runs on the twin through qemu-io and on ours through the engine. Then `qemu-img compare` finds the two
 //! identical, our engine reads what qemu-img reads, `qemu-img check` finds ours clean, and for (a) the
 //! snapshot still reads as it did before the writes (`qemu-img snapshot -a` on a copy).
 //!
@@ -191,9 +192,9 @@ fn create(w: &Work, name: &str, options: &str, backing: Option<&str>) {
     w.qemu_img(&args);
 }
 
-fn snapshot_case(cluster: u64, seed: u64) {
+fn snapshot_case(options: &str, cluster: u64, seed: u64) {
     let w = Work::new();
-    create(&w, "img.qcow2", &format!("cluster_size={cluster}"), None);
+    create(&w, "img.qcow2", options, None);
     w.qemu_io(
         &[],
         "img.qcow2",
@@ -253,15 +254,26 @@ fn snapshot_case(cluster: u64, seed: u64) {
 
 #[test]
 fn write_into_internal_snapshot_64k() {
-    snapshot_case(64 * KIB, 1);
+    for seed in [1, 101, 201] {
+        snapshot_case("cluster_size=64k", 64 * KIB, seed);
+    }
 }
 
 #[test]
 fn write_into_internal_snapshot_4k() {
-    snapshot_case(4 * KIB, 2);
+    for seed in [2, 102, 202] {
+        snapshot_case("cluster_size=4k", 4 * KIB, seed);
+    }
 }
 
-fn compressed_case(compression: &str, seed: u64) {
+#[test]
+fn write_into_internal_snapshot_extended_l2() {
+    for seed in [7, 107, 207] {
+        snapshot_case("cluster_size=64k,extended_l2=on", 64 * KIB, seed);
+    }
+}
+
+fn compressed_case(options: &str, seed: u64) {
     let w = Work::new();
     create(&w, "src.qcow2", "cluster_size=64k", None);
     w.qemu_io(
@@ -280,7 +292,7 @@ fn compressed_case(compression: &str, seed: u64) {
         "-O",
         "qcow2",
         "-o",
-        &format!("cluster_size=64k,compression_type={compression}"),
+        options,
         "src.qcow2",
         "img.qcow2",
     ]);
@@ -327,18 +339,45 @@ fn compressed_case(compression: &str, seed: u64) {
 
 #[test]
 fn write_into_compressed_zlib() {
-    compressed_case("zlib", 3);
+    for seed in [3, 103, 203] {
+        compressed_case("cluster_size=64k,compression_type=zlib", seed);
+    }
 }
 
 #[test]
 fn write_into_compressed_zstd() {
-    compressed_case("zstd", 4);
+    for seed in [4, 104, 204] {
+        compressed_case("cluster_size=64k,compression_type=zstd", seed);
+    }
+}
+
+#[test]
+fn write_into_compressed_extended_l2() {
+    for seed in [8, 108, 208] {
+        compressed_case(
+            "cluster_size=64k,extended_l2=on,compression_type=zstd",
+            seed,
+        );
+    }
 }
 
 #[test]
 fn write_into_kept_allocation_zero_clusters() {
+    for seed in [5, 105, 205] {
+        kept_allocation_case("cluster_size=64k", seed);
+    }
+}
+
+#[test]
+fn write_into_kept_allocation_zero_clusters_extended_l2() {
+    for seed in [9, 109, 209] {
+        kept_allocation_case("cluster_size=64k,extended_l2=on", seed);
+    }
+}
+
+fn kept_allocation_case(options: &str, seed: u64) {
     let w = Work::new();
-    create(&w, "img.qcow2", "cluster_size=64k", None);
+    create(&w, "img.qcow2", options, None);
     w.qemu_io(
         &[],
         "img.qcow2",
@@ -392,11 +431,17 @@ fn write_into_kept_allocation_zero_clusters() {
             len: 64 * KIB,
         },
     ];
-    twin_run(&w, &script(5, 64 * KIB, 60, &fixed));
+    twin_run(&w, &script(seed, 64 * KIB, 60, &fixed));
 }
 
 #[test]
 fn write_extended_l2_partial_subclusters_over_backing() {
+    for seed in [6, 106, 206] {
+        extended_l2_over_backing_case(seed);
+    }
+}
+
+fn extended_l2_over_backing_case(seed: u64) {
     let w = Work::new();
     create(&w, "base.qcow2", "cluster_size=64k", None);
     w.qemu_io(
@@ -475,5 +520,40 @@ fn write_extended_l2_partial_subclusters_over_backing() {
             unmap: true,
         },
     ];
-    twin_run(&w, &script(6, 64 * KIB, 60, &fixed));
+    twin_run(&w, &script(seed, 64 * KIB, 60, &fixed));
+}
+
+/// Not one of the four states, but the one where QEMU's semantics differ most: on a v2 overlay
+/// a discard does nothing and a zero write writes explicit zeros.
+#[test]
+fn write_v2_overlay_of_backing_file() {
+    for seed in [10, 110, 210] {
+        let w = Work::new();
+        create(&w, "base.qcow2", "cluster_size=64k", None);
+        w.qemu_io(&[], "base.qcow2", &["write -P 0x71 0 4M"]);
+        create(
+            &w,
+            "img.qcow2",
+            "cluster_size=4k,compat=0.10",
+            Some("base.qcow2"),
+        );
+        w.qemu_io(&[], "img.qcow2", &["write -P 0x72 8k 64k"]);
+        let fixed = [
+            Op::Discard {
+                off: 8 * KIB,
+                len: 16 * KIB,
+            },
+            Op::Zero {
+                off: 32 * KIB,
+                len: 8 * KIB,
+                unmap: true,
+            },
+            Op::Zero {
+                off: MIB,
+                len: 8 * KIB,
+                unmap: false,
+            },
+        ];
+        twin_run(&w, &script(seed, 4 * KIB, 60, &fixed));
+    }
 }
