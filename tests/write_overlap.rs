@@ -3,9 +3,10 @@
 //! Proves that a guest write whose L2 entry was corrupted to point at metadata is refused before it
 //! reaches the disk: in an image qemu-img made, the L2 entry of guest cluster 0 is patched to a NORMAL
 //! entry with COPIED set (so the write takes the in-place fast path) whose host offset is the cluster of
-//! the L1 table, the refcount table, the L2 table itself or the first refcount block. A write through it
-//! at guest offset 0 (so it would land on the structure's first bytes) fails with a corruption error; the metadata cluster's bytes on disk are unchanged;
-//! the corrupt bit (incompatible feature bit 1) is set on disk, which `qemu-img info` reports too; later
+//! the L1 table, the refcount table, the L2 table itself, the first refcount block, the snapshot table or
+//! a snapshot's (inactive) L1 table. A write through it at guest offset 0 (so it would land on the
+//! structure's first bytes) fails with a corruption error; the metadata cluster's bytes on disk are
+//! unchanged; the corrupt bit (incompatible feature bit 1) is set on disk, which `qemu-img info` reports too; later
 //! reads and writes on that handle fail; a fresh read-write open fails with `CorruptBitSet` while a
 //! read-only open works and reads the untouched clusters as before.
 //!
@@ -36,6 +37,10 @@ enum Target {
     RefcountTable,
     L2Table,
     RefcountBlock,
+    /// The snapshot table (needs an internal snapshot).
+    SnapshotTable,
+    /// The L1 table of an internal snapshot.
+    InactiveL1,
 }
 
 /// Builds `img.qcow2` with data in guest clusters 0 and 1 and returns the host offset of `target`.
@@ -51,6 +56,11 @@ fn build(w: &Work, target: Target) -> u64 {
         "4M",
     ]);
     w.qemu_io(&[], "img.qcow2", &["write -P 0x11 0 128k"]);
+    if matches!(target, Target::SnapshotTable | Target::InactiveL1) {
+        // Rewriting cluster 0 after the snapshot gives the active L2 table and cluster 0 back COPIED.
+        w.qemu_img(&["snapshot", "-c", "snap1", "img.qcow2"]);
+        w.qemu_io(&[], "img.qcow2", &["write -P 0x11 0 64k"]);
+    }
     let p = w.p("img.qcow2");
     let l1 = get_be64(&p, 40);
     let reftable = get_be64(&p, 48);
@@ -65,7 +75,11 @@ fn build(w: &Work, target: Target) -> u64 {
         Target::RefcountTable => reftable,
         Target::L2Table => l2,
         Target::RefcountBlock => refblock,
+        Target::SnapshotTable => get_be64(&p, 64),
+        // The first snapshot table entry starts with its L1 table offset.
+        Target::InactiveL1 => get_be64(&p, get_be64(&p, 64)),
     };
+    assert_ne!(t, 0, "{target:?}: not found in the header");
     assert_eq!(
         t % CLUSTER,
         0,
@@ -188,4 +202,14 @@ fn write_into_active_l2_table_is_refused() {
 #[test]
 fn write_into_refcount_block_is_refused() {
     overlap_case(Target::RefcountBlock);
+}
+
+#[test]
+fn write_into_snapshot_table_is_refused() {
+    overlap_case(Target::SnapshotTable);
+}
+
+#[test]
+fn write_into_inactive_l1_table_is_refused() {
+    overlap_case(Target::InactiveL1);
 }
