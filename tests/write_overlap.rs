@@ -6,9 +6,9 @@
 //! the L1 table, the refcount table, the L2 table itself, the first refcount block, the snapshot table or
 //! a snapshot's (inactive) L1 table. A write through it at guest offset 0 (so it would land on the
 //! structure's first bytes) fails with a corruption error; the metadata cluster's bytes on disk are
-//! unchanged; the corrupt bit (incompatible feature bit 1) is set on disk, which `qemu-img info` reports too; later
-//! reads and writes on that handle fail; a fresh read-write open fails with `CorruptBitSet` while a
-//! read-only open works and reads the untouched clusters as before.
+//! unchanged; the corrupt bit (incompatible feature bit 1) is set on disk, which `qemu-img info`
+//! reports too; later reads and writes on that handle fail; a fresh read-write open fails with
+//! `CorruptBitSet` while a read-only open works and reads the untouched clusters as before.
 //!
 //! qemu-io, given the same write on a copy, reports the overlap and marks its copy corrupt, which shows
 //! that each patched image really is the case QEMU's overlap check exists for.
