@@ -21,6 +21,8 @@
 //! are in flight; content and a clean check with the exact allocated-cluster count prove it. A third
 //! makes writers overlap (whole-cluster and 4 KiB writes into the same bytes): every sector must hold
 //! one covering request's data, never zeros or stale COW data, with one host cluster per guest cluster.
+//! A fourth races discards against in-place writes of the same clusters while fresh clusters are
+//! allocated: a freed host cluster must not receive a late in-place write after being reused.
 
 mod common;
 
@@ -572,5 +574,170 @@ fn overlapping_concurrent_writes_std_multi_thread() {
 fn overlapping_concurrent_writes_uring_current_thread() {
     if uring_or_skip("overlapping_concurrent_writes_uring_current_thread") {
         overlapping(run_on_uring);
+    }
+}
+
+/// Discards racing in-place writes while other requests allocate: a host cluster freed by a discard must
+/// not be reused while a fast-path write into it is still running (DESIGN.md: QEMU still has this race),
+/// or that late write lands in another guest cluster's new data. Clusters 0..16 hold data; at once, each
+/// is rewritten whole (fast path) and discarded, and 16 fresh clusters are written whole. Afterwards every
+/// fresh cluster holds exactly its data, every raced cluster reads either all zeros (discard last) or
+/// all the rewrite's data, and the image is clean. Repeated on fresh images to give the race chances.
+fn discard_race(discard_runner: fn(&Work, &[Race]) -> Outcome) {
+    for round in 0..6u64 {
+        let w = Work::new();
+        w.qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=64k",
+            "img.qcow2",
+            &(4 * MIB).to_string(),
+        ]);
+        w.qemu_io(&["-f", "qcow2"], "img.qcow2", &["write -P 0x5e 0 1M"]);
+        let mut races = Vec::new();
+        for k in 0..16u64 {
+            races.push(Race::Write(Job {
+                offset: k * CLUSTER,
+                data: Bytes::from(data_bytes(round * 1000 + k, CLUSTER as usize)),
+            }));
+            races.push(Race::Discard(k * CLUSTER));
+            races.push(Race::Write(Job {
+                offset: (32 + k) * CLUSTER,
+                data: Bytes::from(data_bytes(round * 1000 + 500 + k, CLUSTER as usize)),
+            }));
+        }
+        let out = discard_runner(&w, &races);
+        assert_same(
+            &qemu_raw(&w, "img.qcow2"),
+            &out.after_close,
+            "qemu-img convert -O raw vs our read",
+        );
+        assert_same(
+            &out.after_close,
+            &out.before_close,
+            "our read after close vs before",
+        );
+        let got = &out.after_close;
+        for r in &races {
+            let Race::Write(j) = r else { continue };
+            let c = &got[j.offset as usize..(j.offset + CLUSTER) as usize];
+            if j.offset >= 32 * CLUSTER {
+                assert!(
+                    c == &j.data[..],
+                    "round {round}: fresh cluster at {:#x} does not hold its data: {:?}",
+                    j.offset,
+                    common::write::first_diff(c, &j.data)
+                );
+            } else {
+                assert!(
+                    c == &j.data[..] || c.iter().all(|&b| b == 0),
+                    "round {round}: raced cluster at {:#x} is neither zeros nor the rewrite",
+                    j.offset
+                );
+            }
+        }
+        assert_check_clean(&w, "img.qcow2");
+    }
+}
+
+/// A request of the discard race.
+enum Race {
+    Write(Job),
+    Discard(u64),
+}
+
+/// One race task: waits for all, then writes or discards one cluster.
+async fn race_job<B: Backend>(
+    img: Image<B>,
+    barrier: Arc<Barrier>,
+    offset: u64,
+    data: Option<Bytes>,
+) -> Result<(), String> {
+    barrier.wait().await;
+    match data {
+        Some(d) => img
+            .write_bytes(offset, d)
+            .await
+            .map_err(|e| format!("write at {offset}: {e}")),
+        None => img
+            .discard(offset, CLUSTER)
+            .await
+            .map_err(|e| format!("discard at {offset}: {e}")),
+    }
+}
+
+fn race_args(r: &Race) -> (u64, Option<Bytes>) {
+    match r {
+        Race::Write(j) => (j.offset, Some(j.data.clone())),
+        Race::Discard(off) => (*off, None),
+    }
+}
+
+fn race_std(w: &Work, races: &[Race]) -> Outcome {
+    let path = w.p("img.qcow2");
+    multi_thread_runtime().block_on(async move {
+        let img = Image::<StdFileBackend>::open(&path, &rw_options())
+            .await
+            .expect("open read-write");
+        let barrier = Arc::new(Barrier::new(races.len()));
+        let handles: Vec<_> = races
+            .iter()
+            .map(|r| {
+                let (off, data) = race_args(r);
+                tokio::spawn(race_job(img.clone(), Arc::clone(&barrier), off, data))
+            })
+            .collect();
+        for h in handles {
+            h.await.expect("task panicked").expect("request failed");
+        }
+        let before_close = read_all(&img).await;
+        img.close().await.expect("close");
+        let after_close = read_all(&img).await;
+        Outcome {
+            before_close,
+            after_close,
+        }
+    })
+}
+
+fn race_uring(w: &Work, races: &[Race]) -> Outcome {
+    let path = w.p("img.qcow2");
+    run_uring(async move {
+        let img = Image::<UringBackend>::open(&path, &rw_options())
+            .await
+            .expect("open read-write with io_uring");
+        let barrier = Arc::new(Barrier::new(races.len()));
+        let handles: Vec<_> = races
+            .iter()
+            .map(|r| {
+                let (off, data) = race_args(r);
+                tokio::task::spawn_local(race_job(img.clone(), Arc::clone(&barrier), off, data))
+            })
+            .collect();
+        for h in handles {
+            h.await.expect("task panicked").expect("request failed");
+        }
+        let before_close = read_all(&img).await;
+        img.close().await.expect("close");
+        let after_close = read_all(&img).await;
+        Outcome {
+            before_close,
+            after_close,
+        }
+    })
+}
+
+#[test]
+fn discards_racing_in_place_writes_std_multi_thread() {
+    discard_race(race_std);
+}
+
+#[test]
+fn discards_racing_in_place_writes_uring_current_thread() {
+    if uring_or_skip("discards_racing_in_place_writes_uring_current_thread") {
+        discard_race(race_uring);
     }
 }
