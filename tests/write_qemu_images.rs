@@ -171,6 +171,15 @@ fn twin_run(w: &Work, ops: &[Op]) {
     assert_check_clean(w, "img.qcow2");
 }
 
+/// Three seeds per case (`base`, `base + 100`, ...); `WRITE_TWIN_SEEDS=N` runs N when hunting.
+fn seeds(base: u64) -> impl Iterator<Item = u64> {
+    let n = std::env::var("WRITE_TWIN_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3u64);
+    (0..n).map(move |i| base + 100 * i)
+}
+
 /// `qemu-img map --output=json img`, parsed.
 fn map(w: &Work, img: &str) -> Vec<Value> {
     parse_json(&w.qemu_img(&["map", "--output=json", img]))
@@ -254,21 +263,21 @@ fn snapshot_case(options: &str, cluster: u64, seed: u64) {
 
 #[test]
 fn write_into_internal_snapshot_64k() {
-    for seed in [1, 101, 201] {
+    for seed in seeds(1) {
         snapshot_case("cluster_size=64k", 64 * KIB, seed);
     }
 }
 
 #[test]
 fn write_into_internal_snapshot_4k() {
-    for seed in [2, 102, 202] {
+    for seed in seeds(2) {
         snapshot_case("cluster_size=4k", 4 * KIB, seed);
     }
 }
 
 #[test]
 fn write_into_internal_snapshot_extended_l2() {
-    for seed in [7, 107, 207] {
+    for seed in seeds(7) {
         snapshot_case("cluster_size=64k,extended_l2=on", 64 * KIB, seed);
     }
 }
@@ -339,21 +348,21 @@ fn compressed_case(options: &str, seed: u64) {
 
 #[test]
 fn write_into_compressed_zlib() {
-    for seed in [3, 103, 203] {
+    for seed in seeds(3) {
         compressed_case("cluster_size=64k,compression_type=zlib", seed);
     }
 }
 
 #[test]
 fn write_into_compressed_zstd() {
-    for seed in [4, 104, 204] {
+    for seed in seeds(4) {
         compressed_case("cluster_size=64k,compression_type=zstd", seed);
     }
 }
 
 #[test]
 fn write_into_compressed_extended_l2() {
-    for seed in [8, 108, 208] {
+    for seed in seeds(8) {
         compressed_case(
             "cluster_size=64k,extended_l2=on,compression_type=zstd",
             seed,
@@ -363,14 +372,14 @@ fn write_into_compressed_extended_l2() {
 
 #[test]
 fn write_into_kept_allocation_zero_clusters() {
-    for seed in [5, 105, 205] {
+    for seed in seeds(5) {
         kept_allocation_case("cluster_size=64k", seed);
     }
 }
 
 #[test]
 fn write_into_kept_allocation_zero_clusters_extended_l2() {
-    for seed in [9, 109, 209] {
+    for seed in seeds(9) {
         kept_allocation_case("cluster_size=64k,extended_l2=on", seed);
     }
 }
@@ -436,7 +445,7 @@ fn kept_allocation_case(options: &str, seed: u64) {
 
 #[test]
 fn write_extended_l2_partial_subclusters_over_backing() {
-    for seed in [6, 106, 206] {
+    for seed in seeds(6) {
         extended_l2_over_backing_case(seed);
     }
 }
@@ -527,7 +536,7 @@ fn extended_l2_over_backing_case(seed: u64) {
 /// a discard does nothing and a zero write writes explicit zeros.
 #[test]
 fn write_v2_overlay_of_backing_file() {
-    for seed in [10, 110, 210] {
+    for seed in seeds(10) {
         let w = Work::new();
         create(&w, "base.qcow2", "cluster_size=64k", None);
         w.qemu_io(&[], "base.qcow2", &["write -P 0x71 0 4M"]);
