@@ -22,7 +22,9 @@
 //! makes writers overlap (whole-cluster and 4 KiB writes into the same bytes): every sector must hold
 //! one covering request's data, never zeros or stale COW data, with one host cluster per guest cluster.
 //! A fourth races discards against in-place writes of the same clusters while fresh clusters are
-//! allocated: a freed host cluster must not receive a late in-place write after being reused.
+//! allocated: a freed host cluster must not receive a late in-place write after being reused. A fifth
+//! keeps readers reading the never-written half of clusters being copied-on-write (from a backing file,
+//! a snapshot, compressed data) while the writers run: they must always see the old content.
 
 mod common;
 
@@ -739,5 +741,192 @@ fn discards_racing_in_place_writes_std_multi_thread() {
 fn discards_racing_in_place_writes_uring_current_thread() {
     if uring_or_skip("discards_racing_in_place_writes_uring_current_thread") {
         discard_race(race_uring);
+    }
+}
+
+/// Readers during allocation: while the writers of [`half_over`] run, reader tasks keep reading the odd
+/// 4 KiB slots, which no request writes. They must read the old content every time: a cluster linked
+/// into L2 before its copy-on-write data is on disk would show zeros or garbage there for a moment.
+fn readers_during_cow(base: Base, run: fn(&Work, &[Job], Arc<Vec<u8>>) -> Outcome) {
+    let w = Work::new();
+    let s = half_over(base);
+    let mut model = setup(&w, &s);
+    let initial = Arc::new(model.data.clone());
+    let jobs = jobs(&s);
+    for j in &jobs {
+        model.write(j.offset, &j.data);
+    }
+    let out = run(&w, &jobs, initial);
+    assert_same(&out.after_close, &model.data, "our read after close");
+    assert_same(
+        &qemu_raw(&w, "img.qcow2"),
+        &model.data,
+        "qemu-img convert -O raw",
+    );
+    assert_check_clean(&w, "img.qcow2");
+}
+
+/// One reader: passes over every odd slot of the 8 clusters until `done`, at least once; returns the
+/// number of reads.
+async fn slot_reader<B: Backend>(
+    img: Image<B>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+    initial: Arc<Vec<u8>>,
+    first: usize,
+) -> Result<u64, String> {
+    let mut reads = 0u64;
+    let mut buf = vec![0u8; WRITE as usize];
+    loop {
+        for k in 0..GUEST_CLUSTERS.len() {
+            let c = GUEST_CLUSTERS[(k + first) % GUEST_CLUSTERS.len()];
+            for slot in (1..SLOTS).step_by(2) {
+                let off = c * CLUSTER + slot * WRITE;
+                img.read(off, &mut buf)
+                    .await
+                    .map_err(|e| format!("read at {off}: {e}"))?;
+                // A read served inline from the page cache completes without ever returning Pending;
+                // without this yield a reader could keep its worker forever and starve tasks woken
+                // onto it (see the report on cooperative scheduling).
+                tokio::task::yield_now().await;
+                reads += 1;
+                let want = &initial[off as usize..(off + WRITE) as usize];
+                if buf != want {
+                    return Err(format!(
+                        "read {reads} at {off:#x} (not written by anyone) saw {:?}",
+                        common::write::first_diff(&buf, want)
+                    ));
+                }
+            }
+        }
+        if done.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(reads);
+        }
+    }
+}
+
+const READERS: usize = 8;
+
+fn readers_std(w: &Work, jobs: &[Job], initial: Arc<Vec<u8>>) -> Outcome {
+    let path = w.p("img.qcow2");
+    multi_thread_runtime().block_on(async move {
+        let img = Image::<StdFileBackend>::open(&path, &rw_options())
+            .await
+            .expect("open read-write");
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..READERS)
+            .map(|i| {
+                tokio::spawn(slot_reader(
+                    img.clone(),
+                    Arc::clone(&done),
+                    Arc::clone(&initial),
+                    i,
+                ))
+            })
+            .collect();
+        let barrier = Arc::new(Barrier::new(jobs.len()));
+        let writers: Vec<_> = jobs
+            .iter()
+            .enumerate()
+            .map(|(i, j)| {
+                tokio::spawn(write_job(
+                    img.clone(),
+                    Arc::clone(&barrier),
+                    i,
+                    j.offset,
+                    j.data.clone(),
+                ))
+            })
+            .collect();
+        for h in writers {
+            h.await.expect("writer panicked").expect("write failed");
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        for h in readers {
+            h.await
+                .expect("reader panicked")
+                .expect("reader saw wrong data");
+        }
+        let before_close = read_all(&img).await;
+        img.close().await.expect("close");
+        let after_close = read_all(&img).await;
+        Outcome {
+            before_close,
+            after_close,
+        }
+    })
+}
+
+fn readers_uring(w: &Work, jobs: &[Job], initial: Arc<Vec<u8>>) -> Outcome {
+    let path = w.p("img.qcow2");
+    run_uring(async move {
+        let img = Image::<UringBackend>::open(&path, &rw_options())
+            .await
+            .expect("open read-write with io_uring");
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..READERS)
+            .map(|i| {
+                tokio::task::spawn_local(slot_reader(
+                    img.clone(),
+                    Arc::clone(&done),
+                    Arc::clone(&initial),
+                    i,
+                ))
+            })
+            .collect();
+        let barrier = Arc::new(Barrier::new(jobs.len()));
+        let writers: Vec<_> = jobs
+            .iter()
+            .enumerate()
+            .map(|(i, j)| {
+                tokio::task::spawn_local(write_job(
+                    img.clone(),
+                    Arc::clone(&barrier),
+                    i,
+                    j.offset,
+                    j.data.clone(),
+                ))
+            })
+            .collect();
+        for h in writers {
+            h.await.expect("writer panicked").expect("write failed");
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        for h in readers {
+            h.await
+                .expect("reader panicked")
+                .expect("reader saw wrong data");
+        }
+        let before_close = read_all(&img).await;
+        img.close().await.expect("close");
+        let after_close = read_all(&img).await;
+        Outcome {
+            before_close,
+            after_close,
+        }
+    })
+}
+
+#[test]
+fn readers_never_see_unfinished_cow_over_backing_std_multi_thread() {
+    readers_during_cow(Base::Backing, readers_std);
+}
+
+#[test]
+fn readers_never_see_unfinished_cow_over_backing_uring_current_thread() {
+    if uring_or_skip("readers_never_see_unfinished_cow_over_backing_uring_current_thread") {
+        readers_during_cow(Base::Backing, readers_uring);
+    }
+}
+
+#[test]
+fn readers_never_see_unfinished_cow_of_snapshot_clusters_std_multi_thread() {
+    readers_during_cow(Base::Snapshot, readers_std);
+}
+
+#[test]
+fn readers_never_see_unfinished_cow_of_compressed_clusters_uring_current_thread() {
+    if uring_or_skip("readers_never_see_unfinished_cow_of_compressed_clusters_uring_current_thread")
+    {
+        readers_during_cow(Base::Compressed, readers_uring);
     }
 }
