@@ -23,9 +23,12 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use qcow2_format::extensions::{qemu_feature_table, HeaderExtension};
 use qcow2_format::header::{
-    AutoclearFeatures, CompatibleFeatures, CompressionType, Header, IncompatibleFeatures, Version,
-    V2_HEADER_LENGTH,
+    AutoclearFeatures, CompatibleFeatures, Header, IncompatibleFeatures, V2_HEADER_LENGTH,
 };
+/// The compression type of a new image (re-exported for callers that build [`CreateOptions`]).
+pub use qcow2_format::header::CompressionType;
+/// The header version of a new image: `Version::V2` is qemu-img's `compat=0.10`, `V3` its `1.1`.
+pub use qcow2_format::header::Version;
 use qcow2_format::image_header::ImageHeader;
 use qcow2_format::l1::{serialize_l1_table, MAX_L1_SIZE_BYTES};
 use qcow2_format::refcount::{serialize_reftable, RefcountOrder};
@@ -154,6 +157,19 @@ impl CreateOptions {
             backing_fmt: Some(fmt),
             ..CreateOptions::qcow2(0)
         }
+    }
+}
+
+impl CreateOptions {
+    /// Opens the backing file as qemu-img does before creating an overlay of it (to check it, and
+    /// for its size): `Ok(None)` without a backing file. `path` is the new image's name, against
+    /// whose directory a relative backing name is resolved. The CLI calls this before printing its
+    /// `Formatting` line, as qemu-img reports backing problems before it.
+    pub async fn backing_size<B: BackendOpen>(&self, path: impl AsRef<Path>) -> Result<Option<u64>> {
+        let name = path.as_ref().display().to_string();
+        backing_size::<B>(&name, self)
+            .await
+            .map_err(|e| e.into_error(&name))
     }
 }
 

@@ -269,6 +269,12 @@ impl Alloc {
         while c < end {
             if !self.block_exists(c >> self.block_bits) {
                 if let Err(e) = self.alloc_refcount_block(c) {
+                    // QEMU: "If the caller needs to restart the search for free clusters, try the
+                    // same ones first to see if they're still free" (also when nothing was
+                    // counted yet), then the counts made so far are undone.
+                    if matches!(e, AllocErr::Again(_)) {
+                        self.free_idx = self.free_idx.min(start);
+                    }
                     for x in start..c {
                         self.used.set(x, false)?;
                     }
