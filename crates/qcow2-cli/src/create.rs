@@ -188,10 +188,7 @@ pub fn parse_options(format: ImageFormat, options: &[String]) -> Result<OptionLi
 
 /// Builds the engine's options from a parsed list. Values that qemu-img refuses only in the driver
 /// (after the `Formatting` line) are refused here too, so call this after printing it.
-pub fn to_create_options(
-    format: ImageFormat,
-    list: &OptionList,
-) -> Result<CreateOptions, String> {
+pub fn to_create_options(format: ImageFormat, list: &OptionList) -> Result<CreateOptions, String> {
     let mut o = match format {
         ImageFormat::Qcow2 => CreateOptions::qcow2(0),
         ImageFormat::Raw => CreateOptions::raw(0),
@@ -203,7 +200,11 @@ pub fn to_create_options(
             None if format == ImageFormat::Raw => {
                 return Err(format!("invalid parameter value: {v}"));
             }
-            None => return Err(format!("Parameter 'preallocation' does not accept value '{v}'")),
+            None => {
+                return Err(format!(
+                    "Parameter 'preallocation' does not accept value '{v}'"
+                ))
+            }
         };
     }
     if format == ImageFormat::Raw {
@@ -317,7 +318,9 @@ pub async fn create<B: BackendOpen>(a: &CreateArgs) -> Result<i32, CliError> {
         let fmt = match list.get("backing_fmt") {
             None => None,
             Some(f) => Some(ImageFormat::from_name(f).ok_or_else(|| {
-                in_img(format!("Unknown driver '{f}'\nCould not open backing image."))
+                in_img(format!(
+                    "Unknown driver '{f}'\nCould not open backing image."
+                ))
             })?),
         };
         let probe = CreateOptions {

@@ -22,13 +22,13 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use qcow2_format::extensions::{qemu_feature_table, HeaderExtension};
-use qcow2_format::header::{
-    AutoclearFeatures, CompatibleFeatures, Header, IncompatibleFeatures, V2_HEADER_LENGTH,
-};
 /// The compression type of a new image (re-exported for callers that build [`CreateOptions`]).
 pub use qcow2_format::header::CompressionType;
 /// The header version of a new image: `Version::V2` is qemu-img's `compat=0.10`, `V3` its `1.1`.
 pub use qcow2_format::header::Version;
+use qcow2_format::header::{
+    AutoclearFeatures, CompatibleFeatures, Header, IncompatibleFeatures, V2_HEADER_LENGTH,
+};
 use qcow2_format::image_header::ImageHeader;
 use qcow2_format::l1::{serialize_l1_table, MAX_L1_SIZE_BYTES};
 use qcow2_format::refcount::{serialize_reftable, RefcountOrder};
@@ -165,7 +165,10 @@ impl CreateOptions {
     /// for its size): `Ok(None)` without a backing file. `path` is the new image's name, against
     /// whose directory a relative backing name is resolved. The CLI calls this before printing its
     /// `Formatting` line, as qemu-img reports backing problems before it.
-    pub async fn backing_size<B: BackendOpen>(&self, path: impl AsRef<Path>) -> Result<Option<u64>> {
+    pub async fn backing_size<B: BackendOpen>(
+        &self,
+        path: impl AsRef<Path>,
+    ) -> Result<Option<u64>> {
         let name = path.as_ref().display().to_string();
         backing_size::<B>(&name, self)
             .await
@@ -596,6 +599,9 @@ async fn create_qcow2<B: BackendOpen>(path: &Path, name: &str, o: &CreateOptions
         }
     };
     write(header, 0, "write header").await?;
+    for (off, bytes) in &l.stale {
+        write(bytes.clone(), *off, "write refcount table").await?;
+    }
     write(
         serialize_reftable(&l.reftable),
         l.reftable_offset,

@@ -19,7 +19,9 @@
 //! No I/O here: the result is a [`Layout`] that `create.rs` writes.
 
 use qcow2_format::l2::{encode_l2, L2Entry};
-use qcow2_format::refcount::{set_refcount, RefcountOrder, MAX_REFTABLE_SIZE_BYTES};
+use qcow2_format::refcount::{
+    serialize_reftable, set_refcount, RefcountOrder, MAX_REFTABLE_SIZE_BYTES,
+};
 use qcow2_format::types::{Geometry, HostOffset};
 
 use super::{CreateError, Preallocation};
@@ -87,6 +89,9 @@ pub(crate) struct Layout {
     pub data_area: Option<(u64, u64)>,
     /// Final length of the qcow2 file.
     pub file_len: u64,
+    /// Freed clusters' leftover bytes (old refcount tables), written before everything else so
+    /// that the file matches QEMU's byte for byte.
+    pub stale: Vec<(u64, Vec<u8>)>,
     /// Clusters in use (refcount 1), as a bitset.
     used: Bitset,
     /// Refcount block bits (log2 of entries per block).
@@ -211,6 +216,10 @@ struct Alloc {
     free_idx: u64,
     /// End of the data written so far (the file length).
     file_end: u64,
+    /// Refcount order.
+    order: RefcountOrder,
+    /// Bytes QEMU leaves in freed clusters (old refcount tables), as (offset, bytes).
+    stale: Vec<(u64, Vec<u8>)>,
 }
 
 impl Alloc {
@@ -295,6 +304,22 @@ impl Alloc {
     fn alloc_refcount_block(&mut self, cluster: u64) -> Result<(), AllocErr> {
         let block = cluster >> self.block_bits;
         let nb = self.alloc_noref(1)?;
+        let capacity = self.reftable_clusters * (self.cs() / 8);
+        if block >= capacity {
+            // The table is full: QEMU builds a new refcount area (new blocks and a bigger table)
+            // after the blocks in use, hooking the new block in there.
+            if nb >> self.block_bits == block {
+                self.used.set(nb, true)?;
+            } else {
+                self.incref(nb, 1)?;
+            }
+            let per = 1u64 << self.block_bits;
+            let blocks_used = (cluster + 1).max(nb + 1).div_ceil(per);
+            let meta = blocks_used.checked_mul(per).ok_or_else(overflow)?;
+            self.refcount_area(meta, 0, false, Some((block, nb << self.cluster_bits)))?;
+            self.grow_end((nb + 1) << self.cluster_bits);
+            return Err(AllocErr::Again(Again));
+        }
         if nb >> self.block_bits == block {
             self.set_reftable(block, nb << self.cluster_bits)?;
             self.used.set(nb, true)?;
@@ -309,7 +334,9 @@ impl Alloc {
 
     /// `qcow2_alloc_clusters`: `n` contiguous clusters, with their refcounts set.
     fn alloc(&mut self, n: u64) -> Result<u64, CreateError> {
-        for _ in 0..MAX_RETRIES {
+        // Each retry creates at least one refcount block.
+        let retries = u64::from(MAX_RETRIES) + 3 * (n >> self.block_bits);
+        for _ in 0..retries {
             let start = self.alloc_noref(n)?;
             match self.incref(start, n) {
                 Ok(()) => return Ok(start << self.cluster_bits),
@@ -324,7 +351,8 @@ impl Alloc {
 
     /// `qcow2_alloc_clusters_at`: up to `n` clusters exactly at cluster `start`; returns how many.
     fn alloc_at(&mut self, start: u64, n: u64) -> Result<u64, CreateError> {
-        for _ in 0..MAX_RETRIES {
+        let retries = u64::from(MAX_RETRIES) + 3 * (n >> self.block_bits);
+        for _ in 0..retries {
             let mut i = 0;
             while i < n && !self.refcount(start + i) {
                 i += 1;
@@ -356,15 +384,24 @@ impl Alloc {
         &mut self,
         start: u64,
         additional: u64,
-        order: RefcountOrder,
+        exact: bool,
+        new_block: Option<(u64, u64)>,
     ) -> Result<u64, CreateError> {
+        let order = self.order;
         let cs = self.cs();
         let per_block = 1u64 << self.block_bits;
         let entries_per_cluster = cs / 8;
         let clusters = start.checked_add(additional).ok_or_else(overflow)?;
-        let total_blocks = refcount_metadata_blocks(clusters, cs, order)?;
+        let total_blocks = refcount_metadata_blocks(clusters, cs, order, !exact)?;
         let area_index = start / per_block;
-        let table_size = total_blocks.div_ceil(entries_per_cluster) * entries_per_cluster;
+        // Without `exact`, QEMU leaves room to grow: half as many entries again (matches its
+        // images: 67 blocks -> 2 clusters of 64 entries, 1041 -> 25).
+        let wanted = if exact {
+            total_blocks
+        } else {
+            total_blocks + total_blocks / 2
+        };
+        let table_size = wanted.div_ceil(entries_per_cluster) * entries_per_cluster;
         if table_size * 8 > MAX_REFTABLE_SIZE_BYTES {
             return Err(CreateError::TooLarge);
         }
@@ -372,6 +409,12 @@ impl Alloc {
         let mut new_table = vec![0u64; table_size as usize];
         for (i, &e) in self.reftable.iter().enumerate().take(table_size as usize) {
             new_table[i] = e;
+        }
+        if let Some((index, offset)) = new_block {
+            let slot = new_table.get_mut(index as usize).ok_or_else(|| {
+                CreateError::Internal("new refcount block outside the table".into())
+            })?;
+            *slot = offset;
         }
         let additional_blocks = (area_index..total_blocks)
             .filter(|&i| new_table[i as usize] == 0)
@@ -394,6 +437,11 @@ impl Alloc {
             }
         }
         let (old_off, old_clusters) = (self.reftable_offset, self.reftable_clusters);
+        // QEMU leaves the old table's bytes in the freed clusters; keep them for byte equality.
+        let old_len = (old_clusters * entries_per_cluster) as usize;
+        let mut old = self.reftable.clone();
+        old.resize(old_len, 0);
+        self.stale.push((old_off, serialize_reftable(&old)));
         self.reftable = new_table;
         self.reftable_offset = table_first << self.cluster_bits;
         self.reftable_clusters = table_clusters;
@@ -443,9 +491,10 @@ impl Alloc {
 /// QEMU's `qcow2_refcount_metadata_size` (without the generous increase): the number of refcount
 /// blocks needed so that `clusters` clusters plus the refcount structures themselves are covered.
 fn refcount_metadata_blocks(
-    clusters: u64,
+    mut clusters: u64,
     cs: u64,
     order: RefcountOrder,
+    mut generous: bool,
 ) -> Result<u64, CreateError> {
     let blocks_per_table_cluster = cs / 8;
     let per_block = cs * 8 / u64::from(order.refcount_bits());
@@ -459,7 +508,11 @@ fn refcount_metadata_blocks(
         blocks = sum.div_ceil(per_block);
         table = blocks.div_ceil(blocks_per_table_cluster);
         n = clusters + blocks + table;
-        if n == last {
+        if n == last && generous {
+            clusters += table.div_ceil(2);
+            n = 0;
+            generous = false;
+        } else if n == last {
             return Ok(blocks);
         }
     }
@@ -479,6 +532,8 @@ pub(crate) fn plan(p: &Params) -> Result<Layout, CreateError> {
         used: Bitset::default(),
         free_idx: 0,
         file_end: 3 * cs,
+        order: p.order,
+        stale: Vec::new(),
     };
     a.reftable[0] = 2 * cs;
     a.alloc(3)?;
@@ -506,7 +561,7 @@ pub(crate) fn plan(p: &Params) -> Result<Layout, CreateError> {
                 .find(|&c| a.refcount(c))
                 .map_or(0, |c| c + 1);
             let nb_l2 = total.div_ceil(l2_entries) + 1;
-            let alloc_start = a.refcount_area(last_used, total + nb_l2, p.order)?;
+            let alloc_start = a.refcount_area(last_used, total + nb_l2, true, None)?;
             let got = a.alloc_at(alloc_start, total)?;
             if got != total {
                 return Err(CreateError::Internal(
@@ -585,6 +640,7 @@ pub(crate) fn plan(p: &Params) -> Result<Layout, CreateError> {
         l2_tables,
         data_area,
         file_len,
+        stale: a.stale,
         used: a.used,
         block_bits,
         cluster_bits: cb,
