@@ -610,7 +610,16 @@ pub(crate) fn plan(p: &Params) -> Result<Layout, CreateError> {
                     g * cs
                 } else {
                     let h = a.alloc(n)?;
-                    file_len_min = file_len_min.max(h + n * cs);
+                    // QEMU extends the file to the end of the last allocation; with extended L2
+                    // that end is the last subcluster in use (no COW of the cluster's tail), so
+                    // the file may end inside the last data cluster.
+                    let bytes = if p.geom.extended_l2 {
+                        let sc = p.geom.subcluster_size();
+                        (n * cs).min((p.size - g * cs).div_ceil(sc) * sc)
+                    } else {
+                        n * cs
+                    };
+                    file_len_min = file_len_min.max(h + bytes);
                     h
                 };
                 if let Some(t) = l2_tables.last_mut() {
