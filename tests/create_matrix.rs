@@ -540,3 +540,59 @@ fn backing_in_subdirectory() {
     assert!(t.failures.is_empty(), "{}", t.failures.join("\n"));
     assert_eq!((t.accepted, t.refused), (1, 1));
 }
+
+/// The library API: `Image::create` gives images qemu-img checks clean and our engine opens, and
+/// refusals are typed (`Error::Create` with qemu-img's reason).
+#[test]
+fn image_create_api() {
+    use qcow2_engine::{
+        CompressionType, CreateError, CreateOptions, Error, Image, ImageFormat, OpenOptions,
+        Preallocation,
+    };
+    use qcow2_io::StdFileBackend;
+
+    if !qemu_present() {
+        return;
+    }
+    let w = Work::new();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let base = w.p("base.qcow2");
+        Image::<StdFileBackend>::create(&base, &CreateOptions::qcow2(3 << 20))
+            .await
+            .expect("create base");
+        let mut o = CreateOptions::overlay("base.qcow2", ImageFormat::Qcow2);
+        o.extended_l2 = true;
+        o.cluster_size = 32768;
+        o.preallocation = Preallocation::Metadata;
+        o.compression_type = CompressionType::Zstd;
+        let top = w.p("top.qcow2");
+        Image::<StdFileBackend>::create(&top, &o)
+            .await
+            .expect("create overlay");
+        let img = Image::<StdFileBackend>::open(&top, &OpenOptions::default())
+            .await
+            .expect("open");
+        assert_eq!(img.virtual_size(), 3 << 20);
+        let mut buf = vec![1u8; 4096];
+        img.read(1 << 20, &mut buf).await.expect("read");
+        assert!(buf.iter().all(|&b| b == 0));
+
+        o.cluster_size = 8192;
+        match Image::<StdFileBackend>::create(w.p("bad.qcow2"), &o).await {
+            Err(Error::Create { source, .. }) => {
+                assert_eq!(source, CreateError::ExtendedL2ClusterSize)
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(!w.p("bad.qcow2").exists());
+    });
+    for img in ["base.qcow2", "top.qcow2"] {
+        let chk = run_in(w.path(), "qemu-img", &opts(&["check", img]));
+        assert!(chk.success(), "{}", chk.describe());
+    }
+}

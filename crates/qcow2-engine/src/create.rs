@@ -503,14 +503,19 @@ async fn check_all<B: BackendOpen>(
 }
 
 /// The header cluster QEMU writes for these options.
-fn header_cluster(o: &CreateOptions, c: &Checked, l: &layout::Layout) -> Result<Vec<u8>> {
+fn header_cluster(
+    name: &str,
+    o: &CreateOptions,
+    c: &Checked,
+    l: &layout::Layout,
+) -> Result<Vec<u8>> {
     let cs = c.geom.cluster_size();
     let mut h = Header::new_v3(c.geom.cluster_bits, c.size);
-    h.l1_size = u32::try_from(c.l1_size).map_err(|_| CreateError::TooLarge.into_error(""))?;
+    h.l1_size = u32::try_from(c.l1_size).map_err(|_| CreateError::TooLarge.into_error(name))?;
     h.l1_table_offset = l.l1_offset;
     h.refcount_table_offset = l.reftable_offset;
     h.refcount_table_clusters =
-        u32::try_from(l.reftable_clusters).map_err(|_| CreateError::TooLarge.into_error(""))?;
+        u32::try_from(l.reftable_clusters).map_err(|_| CreateError::TooLarge.into_error(name))?;
     let mut extensions = Vec::new();
     if let Some(fmt) = o.backing_fmt {
         extensions.push(HeaderExtension::BackingFormat(fmt.name().to_string()));
@@ -551,7 +556,7 @@ fn header_cluster(o: &CreateOptions, c: &Checked, l: &layout::Layout) -> Result<
         extensions,
         backing_file: o.backing_file.clone(),
     };
-    ih.serialize(cs).map_err(Error::format(""))
+    ih.serialize(cs).map_err(Error::format(name))
 }
 
 async fn create_qcow2<B: BackendOpen>(path: &Path, name: &str, o: &CreateOptions) -> Result<()> {
@@ -567,14 +572,7 @@ async fn create_qcow2<B: BackendOpen>(path: &Path, name: &str, o: &CreateOptions
         data_file: o.data_file.is_some(),
     };
     let l = layout::plan(&params).map_err(|e| e.into_error(name))?;
-    let header = header_cluster(o, &c, &l).map_err(|e| match e {
-        Error::Format { source, .. } => Error::Format {
-            path: name.to_owned(),
-            source,
-        },
-        Error::Create { source, .. } => source.into_error(name),
-        other => other,
-    })?;
+    let header = header_cluster(name, o, &c, &l)?;
 
     // The data file first: QEMU creates it before the image.
     if let Some(df) = &o.data_file {
@@ -589,7 +587,6 @@ async fn create_qcow2<B: BackendOpen>(path: &Path, name: &str, o: &CreateOptions
     }
 
     let file = open_new::<B>(path, name).await?;
-    let cs = c.geom.cluster_size();
     let write = |buf: Vec<u8>, off: u64, what: &'static str| {
         let f = &file;
         async move {
@@ -644,7 +641,6 @@ async fn create_qcow2<B: BackendOpen>(path: &Path, name: &str, o: &CreateOptions
             _ => {}
         }
     }
-    let _ = cs;
     file.set_len(l.file_len)
         .await
         .map_err(Error::io(name, "set length", l.file_len))?;

@@ -693,6 +693,59 @@ mod tests {
     }
 
     #[test]
+    fn reftable_growth_like_qemu() {
+        // qemu-img create -o cluster_size=512,refcount_bits=64,preallocation=metadata 3M
+        let l = plan(&params(9, 6, 3 << 20, Preallocation::Metadata)).unwrap();
+        assert_eq!((l.reftable_offset, l.reftable_clusters), (0x208400, 2));
+        assert_eq!(l.file_len, 3280384);
+        assert_eq!(l.stale.len(), 1, "the old table's bytes stay in cluster 1");
+        // qemu-img create -o cluster_size=512,refcount_bits=64 128G: the L1 table alone (32 MiB)
+        // makes the table grow; QEMU leaves room for half as many blocks again.
+        let l = plan(&params(9, 6, 128 << 30, Preallocation::Off)).unwrap();
+        assert_eq!((l.reftable_offset, l.reftable_clusters), (0x200a200, 25));
+        assert_eq!(l.file_len, 34101760);
+    }
+
+    #[test]
+    fn refcounts_count_exactly_the_clusters_in_use() {
+        for (cb, order, size, p) in [
+            (9, 0, 5 << 20, Preallocation::Metadata),
+            (12, 3, 40 << 20, Preallocation::Falloc),
+            (16, 6, 1 << 30, Preallocation::Full),
+        ] {
+            let l = plan(&params(cb, order, size, p)).unwrap();
+            let per = RefcountOrder(order).entries_per_block(cb);
+            let cs = 1u64 << cb;
+            let mut counted = 0u64;
+            for (i, &off) in l.reftable.iter().enumerate() {
+                if off == 0 {
+                    continue;
+                }
+                let block = l.refblock(i as u64).unwrap();
+                for j in 0..per {
+                    let v =
+                        qcow2_format::refcount::get_refcount(&block, j as usize, l.order).unwrap();
+                    assert!(v <= 1);
+                    if v == 1 {
+                        counted += 1;
+                        assert!((i as u64 * per + j) * cs < l.file_len.next_multiple_of(cs));
+                    }
+                }
+            }
+            // Every structure is counted: header, table, blocks, L1, L2s, data.
+            let blocks = l.reftable.iter().filter(|&&o| o != 0).count() as u64;
+            let data = if p == Preallocation::Off {
+                0
+            } else {
+                size.div_ceil(cs)
+            };
+            let l1 = (params(cb, order, size, p).l1_size * 8).div_ceil(cs);
+            let expect = 1 + l.reftable_clusters + blocks + l1 + l.l2_tables.len() as u64 + data;
+            assert_eq!(counted, expect, "cb {cb} order {order}");
+        }
+    }
+
+    #[test]
     fn falloc_moves_reftable_like_qemu() {
         // qemu-img create -o preallocation=falloc 100M: L2 at 0x10000, reftable at 0x40000.
         let l = plan(&params(16, 4, 100 << 20, Preallocation::Falloc)).unwrap();
