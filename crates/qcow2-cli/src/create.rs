@@ -34,9 +34,9 @@ const QCOW2_HELP: &str = "Supported qcow2 options:
   size=<size>            - Virtual disk size
 ";
 
-/// `qemu-img create -f raw -o help` (with the file protocol's preallocation).
+/// `qemu-img create -f raw -o help` (preallocation belongs to the protocol level there, so it is
+/// not listed, though accepted).
 const RAW_HELP: &str = "Supported raw options:
-  preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
   size=<size>            - Virtual disk size
 ";
 
