@@ -596,3 +596,47 @@ fn image_create_api() {
         assert!(chk.success(), "{}", chk.describe());
     }
 }
+
+/// Existing files at the image (and data file) name: qemu-img overwrites them, and when its qcow2
+/// driver refuses the options it deletes them; syntax errors leave them alone. Same for us.
+#[test]
+fn existing_files_on_refusal() {
+    if !qemu_present() {
+        return;
+    }
+    let w = Work::new();
+    let arg_sets: &[&[&str]] = &[
+        &["-o", "cluster_size=1000"],
+        &["-o", "compat=0.10,data_file=d.raw"],
+        &["-o", "data_file=d.raw,extended_l2=on,cluster_size=4k"],
+        &["-o", "compat=0.9"],
+        &["-o", "foo=bar"],
+        &["-o", "data_file=d.raw"],
+        &[],
+    ];
+    for (n, extra) in arg_sets.iter().enumerate() {
+        let mut args = opts(&["create", "-q", "-f", "qcow2"]);
+        args.extend(opts(extra));
+        args.extend(opts(&["img", "1M"]));
+        let mut seen = Vec::new();
+        for (tool, prog) in [
+            ("q", std::ffi::OsString::from("qemu-img")),
+            ("o", qcow2_bin().into()),
+        ] {
+            let d = w.p(&format!("{tool}{n}"));
+            std::fs::create_dir_all(&d).expect("mkdir");
+            std::fs::write(d.join("img"), b"old image").expect("write");
+            std::fs::write(d.join("d.raw"), b"old data").expect("write");
+            let out = run_in(&d, &prog, &args);
+            let contents: Vec<(String, Vec<u8>)> = files(&d)
+                .into_iter()
+                .map(|f| {
+                    let c = std::fs::read(d.join(&f)).unwrap_or_default();
+                    (f, c)
+                })
+                .collect();
+            seen.push((out.success(), contents));
+        }
+        assert_eq!(seen[0], seen[1], "files after `{}` differ", args.join(" "));
+    }
+}

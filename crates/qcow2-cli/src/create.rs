@@ -8,7 +8,9 @@
 //! checks (cluster size, compatibility level, ...), which [`qcow2_engine::Image::create`] does after
 //! the line is printed. [`parse_options`] is shared with `convert -O qcow2 -o ...`.
 
-use qcow2_engine::{CompressionType, CreateOptions, Image, ImageFormat, Preallocation, Version};
+use qcow2_engine::{
+    CompressionType, CreateError, CreateOptions, Image, ImageFormat, Preallocation, Version,
+};
 use qcow2_io::BackendOpen;
 
 use crate::args::CreateArgs;
@@ -344,11 +346,51 @@ pub async fn create<B: BackendOpen>(a: &CreateArgs) -> Result<i32, CliError> {
     if !a.quiet {
         println!("{}", formatting_line(img, format, &list));
     }
-    let opts = to_create_options(format, &list).map_err(in_img)?;
-    Image::<B>::create(img, &opts)
-        .await
-        .map_err(|e| CliError::Other(e.to_string()))?;
-    Ok(0)
+    // From here on qemu-img's qcow2 driver has created the files; when it then refuses the options
+    // it deletes them again, also files that existed before. The engine itself never touches files
+    // on refusal; this mirrors qemu-img's visible result.
+    let data_file = list.get("data_file").map(str::to_string);
+    let opts = match to_create_options(format, &list) {
+        Ok(o) => o,
+        Err(m) => {
+            if format == ImageFormat::Qcow2 {
+                remove_created(img, data_file.as_deref());
+            }
+            return Err(in_img(m));
+        }
+    };
+    match Image::<B>::create(img, &opts).await {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            if let qcow2_engine::Error::Create { source, .. } = &e {
+                if format == ImageFormat::Qcow2 && is_driver_refusal(source) {
+                    remove_created(img, data_file.as_deref());
+                }
+            }
+            Err(CliError::Other(e.to_string()))
+        }
+    }
+}
+
+/// Whether qemu-img reports this refusal from its qcow2 driver, after creating the files.
+fn is_driver_refusal(e: &CreateError) -> bool {
+    !matches!(
+        e,
+        CreateError::NeedsSize
+            | CreateError::BackingOpen { .. }
+            | CreateError::BackingWithoutFormat { .. }
+            | CreateError::CreateFile { .. }
+            | CreateError::Internal(_)
+    )
+}
+
+/// Removes the image and data file as qemu-img does after a driver-stage refusal (errors ignored:
+/// the files may not exist).
+fn remove_created(img: &str, data_file: Option<&str>) {
+    let _ = std::fs::remove_file(img);
+    if let Some(d) = data_file {
+        let _ = std::fs::remove_file(d);
+    }
 }
 
 #[cfg(test)]
