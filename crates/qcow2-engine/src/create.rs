@@ -582,7 +582,21 @@ async fn create_qcow2<B: BackendOpen>(path: &Path, name: &str, o: &CreateOptions
             Preallocation::Falloc | Preallocation::Full => c.prealloc,
             _ => Preallocation::Off,
         };
-        size_raw_file(&data, df, c.size, mode).await?;
+        // With preallocation QEMU maps whole (sub)clusters and then extends the data file to the
+        // end of the last one, so its length is the virtual size rounded up to that granularity.
+        let len = if c.prealloc == Preallocation::Off {
+            c.size
+        } else {
+            let granularity = if o.extended_l2 {
+                c.geom.subcluster_size()
+            } else {
+                c.geom.cluster_size()
+            };
+            c.size
+                .checked_next_multiple_of(granularity)
+                .ok_or_else(|| CreateError::TooLarge.into_error(name))?
+        };
+        size_raw_file(&data, df, len, mode).await?;
         data.flush().await.map_err(Error::io(df, "flush", 0))?;
     }
 
