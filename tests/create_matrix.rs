@@ -428,6 +428,33 @@ fn create_matches_qemu_img() {
     ] {
         cases.push(case("qcow2", &opts(o), Attach::None, size, false));
     }
+    // Sizes that are not a multiple of the cluster size, with preallocation into a data file
+    // (the data file then ends at the last (sub)cluster) and into the image.
+    for (o, a, size) in [
+        (&["preallocation=metadata"][..], Attach::DataFile, "4097"),
+        (&["cluster_size=32k"], Attach::DataFileRaw, "7777777"),
+        (
+            &["extended_l2=on", "preallocation=full"],
+            Attach::DataFile,
+            "4097",
+        ),
+        (
+            &[
+                "cluster_size=2M",
+                "extended_l2=on",
+                "preallocation=metadata",
+            ],
+            Attach::None,
+            "3000000",
+        ),
+        (
+            &["cluster_size=2M", "preallocation=falloc"],
+            Attach::None,
+            "3000000",
+        ),
+    ] {
+        cases.push(case("qcow2", &opts(o), a, Some(size), false));
+    }
     // Raw images.
     for (o, size) in [
         (&[][..], Some("1000")),
