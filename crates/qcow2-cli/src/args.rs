@@ -36,6 +36,31 @@ pub enum Command {
     Compare(CompareArgs),
     /// Run a simple read benchmark.
     Bench(BenchArgs),
+    /// Create a new image.
+    Create(CreateArgs),
+}
+
+/// `qcow2 create [-q] [-f FMT] [-b BACKING] [-F BACKING_FMT] [-o OPTIONS] FILENAME [SIZE]`
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Image format: qcow2 or raw (default raw, as qemu-img).
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    pub format: Option<String>,
+    /// Backing file (stored as given; relative names are relative to the new image).
+    #[arg(short = 'b', long = "backing", value_name = "BACKING")]
+    pub backing: Option<String>,
+    /// Backing file format.
+    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
+    pub backing_format: Option<String>,
+    /// Format options, `key=value,...`; may be repeated (`-o help` lists them).
+    #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Quiet: do not print the `Formatting` line.
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// The new image and its size.
+    #[arg(value_name = "FILENAME [SIZE]")]
+    pub files: Vec<String>,
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {

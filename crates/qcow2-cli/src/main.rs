@@ -11,6 +11,7 @@ mod args;
 mod bench;
 mod compare;
 mod convert;
+mod create;
 mod engine;
 mod error;
 mod info_fmt;
@@ -118,6 +119,7 @@ fn run(command: Command) -> Result<i32, CliError> {
             Command::Convert(a) => engine::convert::<StdFileBackend>(a).await,
             Command::Compare(a) => engine::compare::<StdFileBackend>(a).await,
             Command::Bench(_) => Err(CliError::other("bench is handled above")),
+            Command::Create(a) => create::create::<StdFileBackend>(a).await,
         }
     })
 }

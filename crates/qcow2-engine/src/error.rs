@@ -99,6 +99,15 @@ pub enum Error {
         /// What is not supported.
         what: String,
     },
+    /// An image cannot be created with these options (qemu-img's reason).
+    #[error("{path}: {source}")]
+    Create {
+        /// The image being created.
+        path: String,
+        /// Why.
+        #[source]
+        source: crate::create::CreateError,
+    },
 }
 
 /// " at offset N" for positioned operations, nothing for open/stat-like ones.

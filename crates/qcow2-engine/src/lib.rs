@@ -47,7 +47,7 @@ pub mod status;
 mod write;
 
 pub use chain::MAX_CHAIN_DEPTH;
-pub use create::CreateOptions;
+pub use create::{CompressionType, CreateError, CreateOptions, Preallocation, Version};
 pub use error::{Error, Result};
 pub use image::Image;
 pub use info::{ImageInfo, Qcow2Info, Snapshot};
