@@ -15,7 +15,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use qcow2::engine::{CreateOptions, Error, Image, ImageFormat, OpenOptions};
+use qcow2::engine::{CreateOptions, Error, Image, OpenOptions};
 use qcow2::io::StdFileBackend;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -48,10 +48,7 @@ impl Rng {
 /// Creates the image with the engine; falls back to `qemu-img create` only while the engine cannot
 /// create images. Returns who created it.
 async fn create(path: &Path) -> Result<&'static str, BoxError> {
-    let opts = CreateOptions {
-        format: ImageFormat::Qcow2,
-        size: Some(SIZE),
-    };
+    let opts = CreateOptions::qcow2(SIZE);
     match Image::<StdFileBackend>::create(path, &opts).await {
         Ok(()) => Ok("the engine (Image::create)"),
         Err(Error::Unsupported { .. }) => {
