@@ -183,80 +183,85 @@ struct Outcome {
     after_close: Vec<u8>,
 }
 
-/// Runs the jobs on the multi-threaded runtime with the std backend, one spawned task each.
-fn run_std(w: &Work, jobs: &[Job]) -> Outcome {
+/// The tasks of one run, as the runtime's join handles.
+type Tasks = Vec<tokio::task::JoinHandle<Result<(), String>>>;
+
+/// Reads the whole disk, closes, reads again.
+async fn finish<B: Backend>(img: &Image<B>) -> Outcome {
+    let before_close = read_all(img).await;
+    img.close().await.expect("close");
+    let after_close = read_all(img).await;
+    Outcome {
+        before_close,
+        after_close,
+    }
+}
+
+/// Awaits the tasks; panics listing the failed requests.
+async fn join(tasks: Tasks) {
+    let mut errors = Vec::new();
+    for h in tasks {
+        if let Err(e) = h.await.expect("task panicked") {
+            errors.push(e);
+        }
+    }
+    assert!(errors.is_empty(), "requests failed: {errors:#?}");
+}
+
+/// Opens `img.qcow2` read-write with the std backend on the multi-threaded runtime, runs the tasks
+/// `spawn` starts (with `tokio::spawn`), then [`finish`]es.
+fn std_run(w: &Work, spawn: impl FnOnce(Image<StdFileBackend>) -> Tasks) -> Outcome {
     let path = w.p("img.qcow2");
     multi_thread_runtime().block_on(async move {
         let img = Image::<StdFileBackend>::open(&path, &rw_options())
             .await
             .expect("open read-write");
-        let barrier = Arc::new(Barrier::new(jobs.len()));
-        let handles: Vec<_> = jobs
-            .iter()
-            .enumerate()
-            .map(|(i, j)| {
-                tokio::spawn(write_job(
-                    img.clone(),
-                    Arc::clone(&barrier),
-                    i,
-                    j.offset,
-                    j.data.clone(),
-                ))
-            })
-            .collect();
-        let mut errors = Vec::new();
-        for h in handles {
-            if let Err(e) = h.await.expect("write task panicked") {
-                errors.push(e);
-            }
-        }
-        assert!(errors.is_empty(), "writes failed: {errors:#?}");
-        let before_close = read_all(&img).await;
-        img.close().await.expect("close");
-        let after_close = read_all(&img).await;
-        Outcome {
-            before_close,
-            after_close,
-        }
+        join(spawn(img.clone())).await;
+        finish(&img).await
     })
 }
 
-/// Runs the jobs on the current-thread tokio-uring runtime with the io_uring backend.
-fn run_on_uring(w: &Work, jobs: &[Job]) -> Outcome {
+/// As [`std_run`] with the io_uring backend on the current-thread tokio-uring runtime (tasks started
+/// with `spawn_local`).
+fn uring_run(w: &Work, spawn: impl FnOnce(Image<UringBackend>) -> Tasks) -> Outcome {
     let path = w.p("img.qcow2");
     run_uring(async move {
         let img = Image::<UringBackend>::open(&path, &rw_options())
             .await
             .expect("open read-write with io_uring");
-        let barrier = Arc::new(Barrier::new(jobs.len()));
-        let handles: Vec<_> = jobs
+        join(spawn(img.clone())).await;
+        finish(&img).await
+    })
+}
+
+/// The write tasks of `jobs`, started by `spawn` (the runtime's spawn function).
+macro_rules! write_tasks {
+    ($img:expr, $jobs:expr, $spawn:path) => {{
+        let barrier = Arc::new(Barrier::new($jobs.len()));
+        $jobs
             .iter()
             .enumerate()
             .map(|(i, j)| {
-                tokio::task::spawn_local(write_job(
-                    img.clone(),
+                $spawn(write_job(
+                    $img.clone(),
                     Arc::clone(&barrier),
                     i,
                     j.offset,
                     j.data.clone(),
                 ))
             })
-            .collect();
-        let mut errors = Vec::new();
-        for h in handles {
-            if let Err(e) = h.await.expect("write task panicked") {
-                errors.push(e);
-            }
-        }
-        assert!(errors.is_empty(), "writes failed: {errors:#?}");
-        let before_close = read_all(&img).await;
-        img.close().await.expect("close");
-        let after_close = read_all(&img).await;
-        Outcome {
-            before_close,
-            after_close,
-        }
-    })
+            .collect::<Tasks>()
+    }};
+}
+
+/// Runs the jobs on the multi-threaded runtime with the std backend, one spawned task each.
+fn run_std(w: &Work, jobs: &[Job]) -> Outcome {
+    std_run(w, |img| write_tasks!(img, jobs, tokio::spawn))
+}
+
+/// Runs the jobs on the current-thread tokio-uring runtime with the io_uring backend.
+fn run_on_uring(w: &Work, jobs: &[Job]) -> Outcome {
+    uring_run(w, |img| write_tasks!(img, jobs, tokio::task::spawn_local))
 }
 
 /// The data extents of this image (depth 0) in `qemu-img map --output=json`.
@@ -678,58 +683,26 @@ fn race_args(r: &Race) -> (u64, Option<Bytes>) {
     }
 }
 
-fn race_std(w: &Work, races: &[Race]) -> Outcome {
-    let path = w.p("img.qcow2");
-    multi_thread_runtime().block_on(async move {
-        let img = Image::<StdFileBackend>::open(&path, &rw_options())
-            .await
-            .expect("open read-write");
-        let barrier = Arc::new(Barrier::new(races.len()));
-        let handles: Vec<_> = races
+/// The tasks of the discard race, started by `spawn`.
+macro_rules! race_tasks {
+    ($img:expr, $races:expr, $spawn:path) => {{
+        let barrier = Arc::new(Barrier::new($races.len()));
+        $races
             .iter()
             .map(|r| {
                 let (off, data) = race_args(r);
-                tokio::spawn(race_job(img.clone(), Arc::clone(&barrier), off, data))
+                $spawn(race_job($img.clone(), Arc::clone(&barrier), off, data))
             })
-            .collect();
-        for h in handles {
-            h.await.expect("task panicked").expect("request failed");
-        }
-        let before_close = read_all(&img).await;
-        img.close().await.expect("close");
-        let after_close = read_all(&img).await;
-        Outcome {
-            before_close,
-            after_close,
-        }
-    })
+            .collect::<Tasks>()
+    }};
+}
+
+fn race_std(w: &Work, races: &[Race]) -> Outcome {
+    std_run(w, |img| race_tasks!(img, races, tokio::spawn))
 }
 
 fn race_uring(w: &Work, races: &[Race]) -> Outcome {
-    let path = w.p("img.qcow2");
-    run_uring(async move {
-        let img = Image::<UringBackend>::open(&path, &rw_options())
-            .await
-            .expect("open read-write with io_uring");
-        let barrier = Arc::new(Barrier::new(races.len()));
-        let handles: Vec<_> = races
-            .iter()
-            .map(|r| {
-                let (off, data) = race_args(r);
-                tokio::task::spawn_local(race_job(img.clone(), Arc::clone(&barrier), off, data))
-            })
-            .collect();
-        for h in handles {
-            h.await.expect("task panicked").expect("request failed");
-        }
-        let before_close = read_all(&img).await;
-        img.close().await.expect("close");
-        let after_close = read_all(&img).await;
-        Outcome {
-            before_close,
-            after_close,
-        }
-    })
+    uring_run(w, |img| race_tasks!(img, races, tokio::task::spawn_local))
 }
 
 #[test]
@@ -806,103 +779,33 @@ async fn slot_reader<B: Backend>(
 
 const READERS: usize = 8;
 
-fn readers_std(w: &Work, jobs: &[Job], initial: Arc<Vec<u8>>) -> Outcome {
-    let path = w.p("img.qcow2");
-    multi_thread_runtime().block_on(async move {
-        let img = Image::<StdFileBackend>::open(&path, &rw_options())
-            .await
-            .expect("open read-write");
+/// Reader tasks plus one task that runs the writers and then tells the readers to stop.
+macro_rules! reader_tasks {
+    ($img:expr, $jobs:expr, $initial:expr, $spawn:path) => {{
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let readers: Vec<_> = (0..READERS)
+        let mut tasks: Tasks = (0..READERS)
             .map(|i| {
-                tokio::spawn(slot_reader(
-                    img.clone(),
-                    Arc::clone(&done),
-                    Arc::clone(&initial),
-                    i,
-                ))
+                let r = slot_reader($img.clone(), Arc::clone(&done), Arc::clone(&$initial), i);
+                $spawn(async move { r.await.map(|_| ()) })
             })
             .collect();
-        let barrier = Arc::new(Barrier::new(jobs.len()));
-        let writers: Vec<_> = jobs
-            .iter()
-            .enumerate()
-            .map(|(i, j)| {
-                tokio::spawn(write_job(
-                    img.clone(),
-                    Arc::clone(&barrier),
-                    i,
-                    j.offset,
-                    j.data.clone(),
-                ))
-            })
-            .collect();
-        for h in writers {
-            h.await.expect("writer panicked").expect("write failed");
-        }
-        done.store(true, std::sync::atomic::Ordering::Release);
-        for h in readers {
-            h.await
-                .expect("reader panicked")
-                .expect("reader saw wrong data");
-        }
-        let before_close = read_all(&img).await;
-        img.close().await.expect("close");
-        let after_close = read_all(&img).await;
-        Outcome {
-            before_close,
-            after_close,
-        }
-    })
+        let writers = write_tasks!($img, $jobs, $spawn);
+        tasks.push($spawn(async move {
+            join(writers).await;
+            done.store(true, std::sync::atomic::Ordering::Release);
+            Ok(())
+        }));
+        tasks
+    }};
+}
+
+fn readers_std(w: &Work, jobs: &[Job], initial: Arc<Vec<u8>>) -> Outcome {
+    std_run(w, |img| reader_tasks!(img, jobs, initial, tokio::spawn))
 }
 
 fn readers_uring(w: &Work, jobs: &[Job], initial: Arc<Vec<u8>>) -> Outcome {
-    let path = w.p("img.qcow2");
-    run_uring(async move {
-        let img = Image::<UringBackend>::open(&path, &rw_options())
-            .await
-            .expect("open read-write with io_uring");
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let readers: Vec<_> = (0..READERS)
-            .map(|i| {
-                tokio::task::spawn_local(slot_reader(
-                    img.clone(),
-                    Arc::clone(&done),
-                    Arc::clone(&initial),
-                    i,
-                ))
-            })
-            .collect();
-        let barrier = Arc::new(Barrier::new(jobs.len()));
-        let writers: Vec<_> = jobs
-            .iter()
-            .enumerate()
-            .map(|(i, j)| {
-                tokio::task::spawn_local(write_job(
-                    img.clone(),
-                    Arc::clone(&barrier),
-                    i,
-                    j.offset,
-                    j.data.clone(),
-                ))
-            })
-            .collect();
-        for h in writers {
-            h.await.expect("writer panicked").expect("write failed");
-        }
-        done.store(true, std::sync::atomic::Ordering::Release);
-        for h in readers {
-            h.await
-                .expect("reader panicked")
-                .expect("reader saw wrong data");
-        }
-        let before_close = read_all(&img).await;
-        img.close().await.expect("close");
-        let after_close = read_all(&img).await;
-        Outcome {
-            before_close,
-            after_close,
-        }
+    uring_run(w, |img| {
+        reader_tasks!(img, jobs, initial, tokio::task::spawn_local)
     })
 }
 
