@@ -757,10 +757,6 @@ async fn slot_reader<B: Backend>(
                 img.read(off, &mut buf)
                     .await
                     .map_err(|e| format!("read at {off}: {e}"))?;
-                // A read served inline from the page cache completes without ever returning Pending;
-                // without this yield a reader could keep its worker forever and starve tasks woken
-                // onto it (see the report on cooperative scheduling).
-                tokio::task::yield_now().await;
                 reads += 1;
                 let want = &initial[off as usize..(off + WRITE) as usize];
                 if buf != want {

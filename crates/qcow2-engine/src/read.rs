@@ -258,7 +258,8 @@ async fn read_qcow2<B: Backend>(
                 let keep = comp.pop();
                 read_data(q, std::mem::take(&mut data), buf).await?;
                 read_compressed(q, std::mem::take(&mut comp), buf).await?;
-                busy.clear();
+                // The busy marks stay until the end: the compressed cluster kept queued is still
+                // to be read.
                 batch_bytes = 0;
                 if let Some(k) = keep {
                     batch_bytes = cs as usize + k.desc.host_range().1 as usize;

@@ -10,7 +10,7 @@ use qcow2_io::Backend;
 
 use crate::error::{Error, Result};
 use crate::image::{Image, Layer};
-use crate::qcow2::write::ZeroOp;
+use crate::qcow2::write::{SubZero, ZeroOp};
 
 /// Checks that `[offset, offset + len)` lies within the virtual disk.
 fn check_range<B: Backend>(img: &Image<B>, offset: u64, len: u64) -> Result<()> {
@@ -96,31 +96,146 @@ pub(crate) async fn write_zeroes<B: Backend>(
         // No zero flag, and deallocating would expose the backing file: write real zeros.
         return write_zero_bytes(img, offset, len).await;
     }
+    // The block layer's split by the driver's zero alignment (the subcluster size): an unaligned head
+    // and tail, each within one subcluster, and an aligned middle (which may end at the disk's end).
+    let align = q.geom.subcluster_size();
+    let size = img.virtual_size();
     let end = offset + len;
-    let cs = q.geom.cluster_size();
-    let Some((start, stop)) = whole_clusters(offset, end, cs, img.virtual_size()) else {
-        return write_zero_bytes(img, offset, len).await;
-    };
-    if start > offset {
-        write_zero_bytes(img, offset, start - offset).await?;
+    let mut pos = offset;
+    if !pos.is_multiple_of(align) {
+        let frag_end = end.min(pos - pos % align + align);
+        zero_fragment(img, q, pos, frag_end, unmap).await?;
+        pos = frag_end;
     }
-    let op = if v2 {
+    let mid_end = if end == size { end } else { end - end % align };
+    if mid_end > pos {
+        zero_aligned(img, q, pos, mid_end, unmap).await?;
+        pos = mid_end;
+    }
+    if pos < end {
+        zero_fragment(img, q, pos, end, unmap).await?;
+    }
+    Ok(())
+}
+
+/// Whether the backing chain of `img` reads as zeros over `[offset, end)` (true without one).
+async fn backing_reads_zero<B: Backend>(img: &Image<B>, offset: u64, end: u64) -> Result<bool> {
+    let Some(b) = img.backing() else {
+        return Ok(true);
+    };
+    // Past the end of a shorter backing image the overlay reads zeros.
+    let end = end.min(b.virtual_size());
+    let mut pos = offset;
+    while pos < end {
+        let st = b.block_status(pos, end - pos).await?;
+        if !st.zero {
+            return Ok(false);
+        }
+        pos += st.len;
+    }
+    Ok(true)
+}
+
+/// An unaligned zero write within one (sub)cluster, as QEMU's `qcow2_co_pwrite_zeroes`: when the rest
+/// of the (sub)cluster already reads as zeros and it is unallocated or zero, the whole (sub)cluster
+/// becomes zero; otherwise zeros are written.
+async fn zero_fragment<B: Backend>(
+    img: &Image<B>,
+    q: &crate::qcow2::Qcow2Layer<B>,
+    a: u64,
+    b: u64,
+    unmap: bool,
+) -> Result<()> {
+    let align = q.geom.subcluster_size();
+    let size = img.virtual_size();
+    let sc_start = a - a % align;
+    let sc_end = (sc_start + align).min(size);
+    let rest_after = if b == size { b } else { sc_end };
+    let backing_zero = backing_reads_zero(img, sc_start, a).await?
+        && backing_reads_zero(img, b, rest_after).await?;
+    let how = SubZero::IfUnallocated {
+        backing_zero,
+        unmap,
+    };
+    let done = match q.zero_subclusters(sc_start, sc_end - sc_start, how).await {
+        Ok(done) => done,
+        Err(e) => return q.corruption_marks(Err(e)).await,
+    };
+    if done {
+        raw_data_file_zero(q, sc_start, sc_end - sc_start).await
+    } else {
+        write_zero_bytes(img, a, b - a).await
+    }
+}
+
+/// A subcluster-aligned zero write `[a, b)` (`b` aligned or the disk's end), as QEMU's
+/// `qcow2_subcluster_zeroize`: whole clusters become zero clusters, partial ones (extended L2) get
+/// their subclusters' zero bits; v2 without a backing file deallocates instead.
+async fn zero_aligned<B: Backend>(
+    img: &Image<B>,
+    q: &crate::qcow2::Qcow2Layer<B>,
+    a: u64,
+    b: u64,
+    unmap: bool,
+) -> Result<()> {
+    let has_backing = img.backing().is_some();
+    let op = if q.header.version() == Version::V2 {
         // v2 without a backing file: deallocated clusters read as zeros.
         ZeroOp::Discard
     } else {
         ZeroOp::Zero { unmap }
     };
-    let res = q.zero_clusters(start, stop - start, op, has_backing).await;
-    q.corruption_marks(res).await?;
-    if let Some(d) = q.data_file.as_ref().filter(|_| q.header.data_file_raw()) {
-        // Keep a raw data file a valid image of the guest.
-        d.file
-            .zero_range(start, stop - start)
-            .await
-            .map_err(Error::io(&d.name, "write zeroes", start))?;
+    let cs = q.geom.cluster_size();
+    let size = img.virtual_size();
+    let mut pos = a;
+    if !pos.is_multiple_of(cs) {
+        let h = b.min(pos - pos % cs + cs);
+        sub_range(img, q, pos, h).await?;
+        pos = h;
     }
-    if end > stop {
-        write_zero_bytes(img, stop, end - stop).await?;
+    let m = if b == size { b } else { b - b % cs };
+    if m > pos {
+        let res = q.zero_clusters(pos, m - pos, op, has_backing).await;
+        q.corruption_marks(res).await?;
+        pos = m;
+    }
+    if pos < b {
+        sub_range(img, q, pos, b).await?;
+    }
+    raw_data_file_zero(q, a, b - a).await
+}
+
+/// Zero bits for the subclusters of `[a, b)` within one cluster (extended L2), or written zeros where
+/// that does not apply (compressed clusters).
+async fn sub_range<B: Backend>(
+    img: &Image<B>,
+    q: &crate::qcow2::Qcow2Layer<B>,
+    a: u64,
+    b: u64,
+) -> Result<()> {
+    let done = match q.zero_subclusters(a, b - a, SubZero::Range).await {
+        Ok(done) => done,
+        Err(e) => return q.corruption_marks(Err(e)).await,
+    };
+    if done {
+        Ok(())
+    } else {
+        write_zero_bytes(img, a, b - a).await
+    }
+}
+
+/// Keeps a raw external data file a valid image of the guest after `[a, a + len)` became zero in
+/// metadata only.
+async fn raw_data_file_zero<B: Backend>(
+    q: &crate::qcow2::Qcow2Layer<B>,
+    a: u64,
+    len: u64,
+) -> Result<()> {
+    if let Some(d) = q.data_file.as_ref().filter(|_| q.header.data_file_raw()) {
+        d.file
+            .zero_range(a, len)
+            .await
+            .map_err(Error::io(&d.name, "write zeroes", a))?;
     }
     Ok(())
 }
@@ -153,7 +268,16 @@ pub(crate) async fn discard<B: Backend>(img: &Image<B>, offset: u64, len: u64) -
     let res = q
         .zero_clusters(start, stop - start, ZeroOp::Discard, has_backing)
         .await;
-    q.corruption_marks(res).await
+    q.corruption_marks(res).await?;
+    if let Some(d) = q.data_file.as_ref().filter(|_| q.header.data_file_raw()) {
+        // Keep a raw data file a valid image of the guest: the discarded clusters read as zeros now
+        // (QEMU passes the discard down to the data file).
+        d.file
+            .punch_hole(start, stop - start)
+            .await
+            .map_err(Error::io(&d.name, "discard", start))?;
+    }
+    Ok(())
 }
 
 pub(crate) async fn flush<B: Backend>(img: &Image<B>) -> Result<()> {

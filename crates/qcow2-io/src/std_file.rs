@@ -366,7 +366,13 @@ where
 impl Backend for StdFileBackend {
     async fn read_at(&self, mut buf: BytesMut, offset: u64) -> (io::Result<usize>, BytesMut) {
         let done = match self.inner.read_cached(&mut buf[..], offset) {
-            Ok(Cached::Done(n)) => return (Ok(n), buf),
+            Ok(Cached::Done(n)) => {
+                // Served without ever returning Pending: take part in Tokio's cooperative budget,
+                // so a task looping over cached reads still yields its worker now and then (else
+                // a task woken onto that worker's LIFO slot could wait forever).
+                tokio::task::consume_budget().await;
+                return (Ok(n), buf);
+            }
             Ok(Cached::Partial(done)) => done,
             Err(e) => return (Err(e), buf),
         };

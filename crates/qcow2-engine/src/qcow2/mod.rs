@@ -278,11 +278,17 @@ impl<B: Backend> Qcow2Layer<B> {
         if let (true, Some(shared), None) = (pin, &self.shared, &self.data_file) {
             let cs = self.geom.cluster_size();
             for e in &out {
-                if let Kind::Data { host } = e.kind {
-                    let first = host.0 - host.0 % cs;
-                    let n = (host.0 + e.len).div_ceil(cs) - first / cs;
-                    guards.push(shared.tracker.mark_busy(first, n, cs));
-                }
+                let (start, len) = match e.kind {
+                    Kind::Data { host } => (host.0, e.len),
+                    Kind::Compressed { desc } => {
+                        let (off, len) = desc.host_range();
+                        (off.0, len.max(1))
+                    }
+                    _ => continue,
+                };
+                let first = start - start % cs;
+                let n = start.saturating_add(len).div_ceil(cs) - first / cs;
+                guards.push(shared.tracker.mark_busy(first, n, cs));
             }
         }
         Ok((out, guards))

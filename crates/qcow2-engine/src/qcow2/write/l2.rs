@@ -95,13 +95,28 @@ impl<B: Backend> Qcow2Layer<B> {
                     None if new.fresh => None,
                     None => Some(bytes::Bytes::from(vec![0u8; cs as usize])),
                 };
-                if let Some(content) = content {
+                if let Some(content) = content.clone() {
                     self.guard_write(meta, new.offset, cs, Some((MetaKind::ActiveL2, new.offset)))
                         .await?;
                     self.file
                         .write_at(content, new.offset)
                         .await
                         .map_err(Error::io(&self.name, "write L2 table", new.offset))?;
+                }
+                // The cluster may have held an L2 table freed earlier whose slices are still cached:
+                // make the cache agree with what is now on disk there.
+                let mut at = new.offset;
+                while at < new.offset + cs {
+                    if let Some(slice) = meta.l2.get_mut(at) {
+                        let range = (at - new.offset) as usize
+                            ..(at - new.offset + self.slice_bytes) as usize;
+                        match &content {
+                            Some(c) => slice.data.copy_from_slice(&c[range]),
+                            None => slice.data.fill(0),
+                        }
+                        slice.dirty = false;
+                    }
+                    at += self.slice_bytes;
                 }
                 let w = meta.w.as_deref_mut().ok_or(Error::ReadOnly)?;
                 if let Some(old) = old {

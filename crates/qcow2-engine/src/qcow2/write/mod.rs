@@ -33,7 +33,7 @@ use super::{Metadata, Qcow2Layer};
 use crate::error::{Error, Result};
 use inflight::Tracker;
 
-pub(crate) use zero::ZeroOp;
+pub(crate) use zero::{SubZero, ZeroOp};
 
 /// Byte offset of the incompatible feature bits in the header (v3).
 const INCOMPATIBLE_OFFSET: u64 = 72;

@@ -38,6 +38,23 @@ pub(crate) enum ZeroOp {
 /// The all-zeros bitmap of an extended L2 entry (zero bits set, allocation bits clear).
 const BITMAP_ALL_ZEROES: u64 = (u32::MAX as u64) << 32;
 
+/// Which part of a cluster a subcluster-level zero write covers, and on what condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SubZero {
+    /// Zero the subclusters (extended L2) of `[offset, offset + len)`, a subcluster-aligned part of one
+    /// cluster (QEMU's `zero_l2_subclusters`); refused for a compressed cluster.
+    Range,
+    /// Zero the (sub)cluster holding `offset` only if it is unallocated or zero (QEMU's check for an
+    /// unaligned zero write whose rest already reads as zeros); `backing_zero`: the backing chain reads
+    /// as zeros over the rest of it.
+    IfUnallocated {
+        /// The backing chain reads as zeros there (or there is none).
+        backing_zero: bool,
+        /// qemu-io `write -z -u`.
+        unmap: bool,
+    },
+}
+
 impl<B: Backend> Qcow2Layer<B> {
     /// Applies `op` to the whole clusters of `[offset, offset + len)` (cluster-aligned, or ending at
     /// the end of the virtual disk). `has_backing`: the image has a backing file.
@@ -108,6 +125,92 @@ impl<B: Backend> Qcow2Layer<B> {
             pos = stop;
         }
         Ok(())
+    }
+
+    /// Zeroes part of one cluster at subcluster granularity as `how` says, under the metadata lock in
+    /// one step (so the condition and the change are atomic). Returns false when the operation does not
+    /// apply (the caller then writes zeros, as QEMU's block layer falls back on `-ENOTSUP`).
+    pub(crate) async fn zero_subclusters(
+        &self,
+        offset: u64,
+        len: u64,
+        how: SubZero,
+    ) -> Result<bool> {
+        let shared = self.shared()?;
+        let cs = self.geom.cluster_size();
+        let sc = self.geom.subcluster_size();
+        loop {
+            let mut guard = self.meta.lock().await;
+            self.check_usable()?;
+            let meta = &mut *guard;
+            match shared.tracker.conflict(offset / cs, offset / cs + 1) {
+                Conflict::Wait(listener) => {
+                    drop(guard);
+                    listener.await;
+                    continue;
+                }
+                Conflict::StopAt(_) | Conflict::None => {}
+            }
+            let table = self
+                .l2_table_for_write(meta, offset, true)
+                .await?
+                .ok_or_else(|| Error::corrupt(&self.name, "internal: no L2 table after create"))?;
+            let e = self.entry_for_write(meta, table, offset).await?;
+            let (old_raw, old_bm) = raw_words(&e, self.geom, self.data_file.is_some())?;
+            let in_cluster = offset % cs;
+            let first = (in_cluster / sc) as u32;
+            let count = len.div_ceil(sc).max(1) as u32;
+            let mask = if count >= 32 {
+                u32::MAX
+            } else {
+                ((1u32 << count) - 1) << first
+            };
+            let (new_raw, new_bm, release) = match how {
+                SubZero::Range => {
+                    if matches!(e.entry, L2Entry::Compressed(_)) {
+                        return Ok(false);
+                    }
+                    let bm = old_bm | (u64::from(mask) << 32);
+                    (old_raw, bm & !u64::from(mask), false)
+                }
+                SubZero::IfUnallocated {
+                    backing_zero,
+                    unmap,
+                } => {
+                    let st = e.subcluster(first, sc, &self.name, &|| String::new())?;
+                    let ok = match st {
+                        super::super::SubState::Zero(_) => true,
+                        super::super::SubState::Unallocated(_) => backing_zero,
+                        _ => false,
+                    };
+                    if !ok {
+                        return Ok(false);
+                    }
+                    if self.geom.extended_l2 {
+                        let bm = old_bm | (u64::from(mask) << 32);
+                        (old_raw, bm & !u64::from(mask), false)
+                    } else {
+                        let v3 = self.header.version() == qcow2_format::header::Version::V3;
+                        let op = if v3 {
+                            ZeroOp::Zero { unmap }
+                        } else {
+                            ZeroOp::Discard
+                        };
+                        self.zeroed_entry(&e, old_raw, op, false, v3)
+                    }
+                }
+            };
+            if (new_raw, new_bm) != (old_raw, old_bm) {
+                self.set_entry(meta, table, offset, new_raw, new_bm).await?;
+                if release && self.data_file.is_none() {
+                    if let Some(h) = e.entry.host_cluster() {
+                        let w = meta.w.as_deref_mut().ok_or(Error::ReadOnly)?;
+                        w.refcounts.defer_decrement(h.0, cs);
+                    }
+                }
+            }
+            return Ok(true);
+        }
     }
 
     /// The new (entry, bitmap) of a cluster after `op`, and whether its host cluster is released.
