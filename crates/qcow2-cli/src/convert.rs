@@ -263,3 +263,137 @@ mod tests {
         assert!(sink.data.borrow().is_empty());
     }
 }
+
+/// `-o` options of a qcow2 output, as `qemu-img convert -O qcow2 -o ...` takes them.
+///
+/// Only the syntax is checked here (known keys, value types, qemu-img's messages); whether a combination
+/// makes sense (cluster size a power of two, lazy refcounts need compat 1.1, ...) is the engine's
+/// `Image::create` to decide, whose refusal becomes `DST: error while converting qcow2: <why>`.
+/// NOTE: `qcow2 create` parses the same keys (crates/qcow2-cli/src/create.rs); the two parsers are to be
+/// folded into one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Qcow2Opts {
+    /// `cluster_size` in bytes.
+    pub cluster_size: Option<u64>,
+    /// `refcount_bits`.
+    pub refcount_bits: Option<u64>,
+    /// `compat` (`0.10`, `v2`, `1.1`, `v3`) as given.
+    pub compat: Option<String>,
+    /// `lazy_refcounts`.
+    pub lazy_refcounts: Option<bool>,
+    /// `extended_l2`.
+    pub extended_l2: Option<bool>,
+    /// `compression_type` (`zlib`, `zstd`) as given.
+    pub compression_type: Option<String>,
+    /// `preallocation` (`off`, `metadata`, `falloc`, `full`) as given.
+    pub preallocation: Option<String>,
+    /// `size` (overrides the source's virtual size).
+    pub size: Option<u64>,
+}
+
+/// Splits QEMU's option syntax: `key=value` pairs separated by commas, a doubled comma standing for a
+/// comma inside a value.
+fn split_options(text: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                if let Some(p) = parts.last_mut() {
+                    p.push(',');
+                }
+            } else {
+                parts.push(String::new());
+            }
+        } else if let Some(p) = parts.last_mut() {
+            p.push(c);
+        }
+    }
+    parts
+}
+
+/// Parses `-o` for a qcow2 output (several `-o` are joined with commas by the caller).
+pub fn parse_qcow2_opts(text: &str) -> Result<Qcow2Opts, CliError> {
+    let mut o = Qcow2Opts::default();
+    let size = |key: &str, v: &str| {
+        crate::size::parse_size(v).map_err(|_| {
+            CliError::Usage(format!(
+                "Parameter '{key}' expects a non-negative number below 2^64 \
+                 Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta- \
+                 and exabytes, respectively."
+            ))
+        })
+    };
+    let flag = |key: &str, v: &str| match v {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(CliError::Usage(format!(
+            "Parameter '{key}' expects 'on' or 'off'"
+        ))),
+    };
+    for part in split_options(text) {
+        if part.is_empty() {
+            continue;
+        }
+        let (key, value) = match part.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (part.as_str(), None),
+        };
+        let v = value.unwrap_or("");
+        match key {
+            "cluster_size" => o.cluster_size = Some(size(key, v)?),
+            "refcount_bits" => o.refcount_bits = Some(size(key, v)?),
+            "size" => o.size = Some(size(key, v)?),
+            // A bare boolean key means "on", as in QEMU's option parser.
+            "lazy_refcounts" => o.lazy_refcounts = Some(value.is_none() || flag(key, v)?),
+            "extended_l2" => o.extended_l2 = Some(value.is_none() || flag(key, v)?),
+            "compat" => o.compat = Some(v.to_string()),
+            "compression_type" => o.compression_type = Some(v.to_string()),
+            "preallocation" => o.preallocation = Some(v.to_string()),
+            "backing_file" | "backing_fmt" | "data_file" | "data_file_raw" | "encryption"
+            | "encrypt.format" => {
+                return Err(CliError::Usage(format!(
+                    "convert: the option '{key}' is not supported for the output yet"
+                )))
+            }
+            other => {
+                return Err(CliError::Usage(format!("Invalid parameter '{other}'")));
+            }
+        }
+    }
+    Ok(o)
+}
+
+#[cfg(test)]
+mod opts_tests {
+    use super::*;
+
+    #[test]
+    fn qcow2_options() {
+        let o = parse_qcow2_opts("cluster_size=4k,refcount_bits=1,compat=0.10,lazy_refcounts=on")
+            .map_err(|e| e.to_string());
+        assert_eq!(
+            o,
+            Ok(Qcow2Opts {
+                cluster_size: Some(4096),
+                refcount_bits: Some(1),
+                compat: Some("0.10".into()),
+                lazy_refcounts: Some(true),
+                ..Default::default()
+            })
+        );
+        let err = |t: &str| parse_qcow2_opts(t).err().map(|e| e.to_string());
+        assert_eq!(err("foo=1"), Some("Invalid parameter 'foo'".into()));
+        assert_eq!(
+            err("lazy_refcounts=maybe"),
+            Some("Parameter 'lazy_refcounts' expects 'on' or 'off'".into())
+        );
+        assert!(err("cluster_size=x").is_some_and(|e| e.starts_with("Parameter 'cluster_size'")));
+        assert_eq!(split_options("a=1,,2,b"), vec!["a=1,2", "b"]);
+        assert_eq!(
+            parse_qcow2_opts("extended_l2").map(|o| o.extended_l2).ok(),
+            Some(Some(true))
+        );
+    }
+}
