@@ -84,6 +84,28 @@ impl<V> LruCache<V> {
         }
     }
 
+    /// Looks `key` up for modification and marks it most recently used (no statistics).
+    pub(crate) fn get_mut(&mut self, key: u64) -> Option<&mut V> {
+        let slot = self.map.get(&key).copied()?;
+        self.unlink(slot);
+        self.push_front(slot);
+        Some(&mut self.nodes[slot].value)
+    }
+
+    /// The entry the next insertion of a new key would evict, when the cache is full.
+    pub(crate) fn victim(&self) -> Option<&V> {
+        if self.nodes.len() >= self.capacity && self.tail != NIL {
+            Some(&self.nodes[self.tail].value)
+        } else {
+            None
+        }
+    }
+
+    /// Every entry with its key, in no particular order (for write-back).
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (u64, &mut V)> {
+        self.nodes.iter_mut().map(|n| (n.key, &mut n.value))
+    }
+
     /// Inserts (or replaces) `key`, evicting the least recently used entry when full. Returns the value
     /// as stored.
     pub(crate) fn insert(&mut self, key: u64, value: V) -> &V {

@@ -108,6 +108,7 @@ struct Opened<B> {
     layer: Layer<B>,
     info: ImageInfo,
     backing: Option<BackingRef>,
+    read_only: bool,
 }
 
 /// The info of a qcow2 image.
@@ -147,13 +148,6 @@ fn check_open_mode(name: &str, header: &ImageHeader, read_only: bool) -> Result<
             path: name.to_owned(),
         });
     }
-    if !read_only && header.is_dirty() {
-        return Err(Error::Unsupported {
-            path: name.to_owned(),
-            what: "read-write open of a dirty image (refcount repair is not implemented yet)"
-                .into(),
-        });
-    }
     Ok(())
 }
 
@@ -190,6 +184,7 @@ async fn open_layer<B: Backend>(
                 layer: Layer::Raw(raw),
                 info,
                 backing: None,
+                read_only,
             })
         }
         ImageFormat::Qcow2 => {
@@ -234,12 +229,16 @@ async fn open_layer<B: Backend>(
                 }
                 _ => None,
             };
-            let layer =
+            let mut layer =
                 Qcow2Layer::new(name, file, file_len, header, data, opts.l2_cache_bytes).await?;
+            if !read_only {
+                layer.enable_writes().await?;
+            }
             Ok(Opened {
                 layer: Layer::Qcow2(Box::new(layer)),
                 info,
                 backing,
+                read_only,
             })
         }
     }
@@ -351,6 +350,7 @@ fn assemble<B>(opened: Vec<Opened<B>>) -> Result<Image<B>> {
                 layer: o.layer,
                 backing: below.take(),
                 info: o.info,
+                read_only: o.read_only,
             }),
         });
     }

@@ -26,6 +26,8 @@ pub(crate) struct Inner<B> {
     pub(crate) layer: Layer<B>,
     pub(crate) backing: Option<Image<B>>,
     pub(crate) info: ImageInfo,
+    /// Opened read-only (backing images always are).
+    pub(crate) read_only: bool,
 }
 
 /// An opened disk image (qcow2 or raw) together with its backing chain.
@@ -150,7 +152,7 @@ impl<B: Backend> Image<B> {
 
     /// Whether this handle was opened read-only (writes fail with [`Error::ReadOnly`]).
     pub fn is_read_only(&self) -> bool {
-        true
+        self.inner.read_only
     }
 
     /// Writes `data` to the virtual disk at `offset`. Any range within the virtual size is allowed

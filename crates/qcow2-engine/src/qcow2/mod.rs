@@ -18,6 +18,9 @@ mod rebuild;
 #[allow(dead_code)]
 mod refcount;
 mod snapshots;
+pub(crate) mod write;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_lock::Mutex;
 use bytes::BytesMut;
@@ -41,9 +44,20 @@ pub(crate) struct Metadata {
     /// The active L1 table, raw big-endian-decoded entries (validated per entry on use).
     pub(crate) l1: Vec<u64>,
     /// L2 slices keyed by their host offset.
-    pub(crate) l2: LruCache<BytesMut>,
+    pub(crate) l2: LruCache<L2Slice>,
     /// Whether the image looks metadata-preallocated (QEMU's heuristic), computed on first block status.
     pub(crate) metadata_prealloc: Option<bool>,
+    /// Write state of a read-write layer (`None` when read-only).
+    pub(crate) w: Option<Box<write::WriteState>>,
+}
+
+/// One cached L2 slice.
+pub(crate) struct L2Slice {
+    /// The slice as on disk (plus changes not yet written when `dirty`).
+    pub(crate) data: BytesMut,
+    /// Changed since it was read or last written back: must be written (after the refcount barrier)
+    /// before it may be evicted.
+    pub(crate) dirty: bool,
 }
 
 /// An external data file.
@@ -69,12 +83,15 @@ pub(crate) struct Qcow2Layer<B> {
     pub(crate) geom: Geometry,
     /// Virtual size rounded up to 512.
     pub(crate) virtual_size: u64,
-    /// Length of the image file at open.
-    pub(crate) file_len: u64,
+    /// Length of the image file at open, raised to the end of every cluster allocated since: host
+    /// offsets at or past it are corruption.
+    pub(crate) file_len: AtomicU64,
     /// Bytes per cached L2 slice (a power of two, at most one cluster).
     pub(crate) slice_bytes: u64,
     /// Mutable metadata.
     pub(crate) meta: Mutex<Metadata>,
+    /// State shared by the requests of a read-write layer outside the mutex (`None`: read-only).
+    pub(crate) shared: Option<write::WriteShared>,
 }
 
 /// Cache statistics of one layer.
@@ -97,6 +114,34 @@ impl<B: Backend> Qcow2Layer<B> {
             Some(d) => (&d.file, &d.name),
             None => (&self.file, &self.name),
         }
+    }
+
+    /// The current length bound of the image file (see the field).
+    pub(crate) fn file_len(&self) -> u64 {
+        self.file_len.load(Ordering::Acquire)
+    }
+
+    /// Makes sure the L2 slice at `slice_off` is cached, reading it on a miss. When the cache is full
+    /// and the slice it would evict is dirty, all dirty metadata is written back first (with its
+    /// barriers), so that an eviction never writes an L2 entry ahead of the refcounts it relies on.
+    pub(crate) async fn ensure_slice(&self, meta: &mut Metadata, slice_off: u64) -> Result<()> {
+        if meta.l2.get(slice_off).is_some() {
+            return Ok(());
+        }
+        if meta.l2.victim().is_some_and(|v| v.dirty) {
+            self.flush_metadata(meta).await?;
+        }
+        let buf = crate::buf::io_buf(self.slice_bytes as usize);
+        let (res, buf) = self.file.read_at(buf, slice_off).await;
+        res.map_err(Error::io(&self.name, "read L2 table", slice_off))?;
+        meta.l2.insert(
+            slice_off,
+            L2Slice {
+                data: buf,
+                dirty: false,
+            },
+        );
+        Ok(())
     }
 
     /// Cache statistics.
@@ -140,6 +185,7 @@ impl<B: Backend> Qcow2Layer<B> {
                         .into(),
             });
         }
+        self.check_usable()?;
         let mut meta = self.meta.lock().await;
         let raw_l1 = usize::try_from(l1_index)
             .ok()
@@ -181,28 +227,23 @@ impl<B: Backend> Qcow2Layer<B> {
                 kind: Kind::Unallocated { host: None },
             }]);
         };
-        if l2_offset < cs || l2_offset >= self.file_len {
+        if l2_offset < cs || l2_offset >= self.file_len() {
             return Err(Error::corrupt(
                 &self.name,
                 format!(
                     "L1 table entry {l1_index} points to an L2 table at {l2_offset:#x}, which is {} \
                      (file length {:#x})",
                     if l2_offset < cs { "inside the header cluster" } else { "past the end of the file" },
-                    self.file_len
+                    self.file_len()
                 ),
             ));
         }
         let slice_index = (guest % l1_cov) / slice_cov;
         let slice_off = l2_offset + slice_index * self.slice_bytes; // within the cluster: no overflow
-        if meta.l2.get(slice_off).is_none() {
-            let buf = crate::buf::io_buf(self.slice_bytes as usize);
-            let (res, buf) = self.file.read_at(buf, slice_off).await;
-            res.map_err(Error::io(&self.name, "read L2 table", slice_off))?;
-            meta.l2.insert(slice_off, buf);
-        }
+        self.ensure_slice(&mut meta, slice_off).await?;
         // Inserted just above under the same lock guard, so always present; an error rather than a panic
         // all the same.
-        let slice = meta.l2.peek(slice_off).ok_or_else(|| {
+        let slice = meta.l2.peek(slice_off).map(|s| &s.data).ok_or_else(|| {
             Error::corrupt(
                 &self.name,
                 format!("internal: L2 slice at {slice_off:#x} not cached"),
@@ -319,7 +360,7 @@ impl<B: Backend> Qcow2Layer<B> {
                     ),
                 ));
             }
-        } else if host < self.geom.cluster_size() || host >= self.file_len {
+        } else if host < self.geom.cluster_size() || host >= self.file_len() {
             // Zero clusters that kept an allocation are never read, so only data needs to be in the file;
             // but a preallocated offset into the header is corrupt either way.
             let is_zero = matches!(entry.entry, L2Entry::Zero { .. });
@@ -334,7 +375,7 @@ impl<B: Backend> Qcow2Layer<B> {
                         } else {
                             "past the end of the file"
                         },
-                        self.file_len
+                        self.file_len()
                     ),
                 ));
             }
@@ -355,10 +396,10 @@ impl<B: Backend> Qcow2Layer<B> {
         let limit = 2 * cs + 512;
         let problem = if off < cs {
             Some("starts inside the header cluster".to_owned())
-        } else if off >= self.file_len {
+        } else if off >= self.file_len() {
             Some(format!(
                 "starts past the end of the file (length {:#x})",
-                self.file_len
+                self.file_len()
             ))
         } else if len > limit {
             Some(format!("is longer than the limit of {limit} bytes"))

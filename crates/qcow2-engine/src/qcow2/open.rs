@@ -4,6 +4,8 @@
 //! Spec: qcow2.txt, "Header" and "Header extensions"; limits as QEMU's `qcow2_do_open` (checked by the
 //! format crate). The L1 table is at most 32 MiB (format crate limit), so loading it is bounded.
 
+use std::sync::atomic::AtomicU64;
+
 use async_lock::Mutex;
 use bytes::BytesMut;
 use qcow2_format::header::HEADER_MIN_READ;
@@ -120,14 +122,16 @@ impl<B: Backend> Qcow2Layer<B> {
             data_file,
             geom,
             virtual_size,
-            file_len,
+            file_len: AtomicU64::new(file_len),
             slice_bytes,
             header,
             meta: Mutex::new(Metadata {
                 l1,
                 l2: LruCache::new(capacity),
                 metadata_prealloc: None,
+                w: None,
             }),
+            shared: None,
         })
     }
 }

@@ -28,7 +28,7 @@ impl<B: Backend> Qcow2Layer<B> {
         let real = self.file.allocated_size().await.ok()??;
         let real_clusters = real / cs;
         let threshold = (real_clusters.saturating_mul(10) / 9).max(real_clusters.saturating_add(2));
-        let end_cluster = self.file_len.div_ceil(cs);
+        let end_cluster = self.file_len().div_ceil(cs);
         let h = &self.header.header;
         let order = RefcountOrder(h.refcount_order);
         let bits = 1u64 << h.refcount_order.min(6);
@@ -58,7 +58,7 @@ impl<B: Backend> Qcow2Layer<B> {
             if off == 0 {
                 continue;
             }
-            if off >= self.file_len {
+            if off >= self.file_len() {
                 return None;
             }
             let (res, b) = self.file.read_at(block, off).await;

@@ -116,7 +116,7 @@ impl Refcounts {
     pub(crate) async fn apply_deferred<B: Backend>(
         &mut self,
         io: &MetaIo<'_, B>,
-        busy: &dyn Fn(u64) -> bool,
+        busy: &(dyn Fn(u64) -> bool + Sync),
     ) -> Result<Vec<(u64, u64)>> {
         let _ = (io, busy);
         Ok(Vec::new())

@@ -24,9 +24,19 @@ pub(crate) async fn read_snapshots<B: Backend>(
     header: &ImageHeader,
     file_len: u64,
 ) -> Result<Vec<Snapshot>> {
+    Ok(read_snapshot_table(file, path, header, file_len).await?.0)
+}
+
+/// As [`read_snapshots`], also returning the table's length in bytes (for the overlap map).
+pub(crate) async fn read_snapshot_table<B: Backend>(
+    file: &B,
+    path: &str,
+    header: &ImageHeader,
+    file_len: u64,
+) -> Result<(Vec<Snapshot>, u64)> {
     let h = &header.header;
     if h.nb_snapshots == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0));
     }
     let offset = h.snapshots_offset;
     // A table running past the end of the file is a corrupt header (the lead's decision; QEMU's block
@@ -40,7 +50,7 @@ pub(crate) async fn read_snapshots<B: Backend>(
             .await;
         res.map_err(Error::io(path, "read snapshot table", offset))?;
         match parse_snapshot_table(&buf, h.nb_snapshots) {
-            Ok((snapshots, _)) => return Ok(snapshots),
+            Ok((snapshots, len)) => return Ok((snapshots, len as u64)),
             Err(FormatError::Truncated { .. }) if size < cap => size = cap.min(size * 8),
             Err(e @ FormatError::Truncated { .. }) => {
                 return Err(Error::corrupt(
