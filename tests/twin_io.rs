@@ -28,6 +28,7 @@ fn cfg(name: &'static str, size: u64, create_opts: &'static str) -> TwinConfig {
         io_flags: &[],
         commands: 300,
         aio_percent: 8,
+        env: &[],
     }
 }
 
@@ -150,5 +151,15 @@ fn aio_groups_small_clusters_backing() {
         commands: 400,
         backing: true,
         ..cfg("aio_backing", 32 * MIB, "cluster_size=4096")
+    });
+}
+
+#[test]
+fn tiny_l2_cache() {
+    // One 4 KiB slice of L2 cache: every other request evicts a (often dirty) slice.
+    run(TwinConfig {
+        env: &[("QCOW2_L2_CACHE_SIZE", "4k")],
+        aio_percent: 30,
+        ..cfg("tiny_l2_cache", 128 * MIB, "cluster_size=4096")
     });
 }

@@ -74,6 +74,8 @@ pub struct TwinConfig {
     pub commands: usize,
     /// Percentage of commands that are aio groups.
     pub aio_percent: u64,
+    /// Environment of `qcow2 io` (e.g. a tiny `QCOW2_L2_CACHE_SIZE`).
+    pub env: &'static [(&'static str, &'static str)],
 }
 
 impl TwinConfig {
@@ -246,6 +248,7 @@ fn aio_group(
         parts.swap(i, j);
     }
     let mut n = 0;
+    let group = (start, start + len);
     for (i, &(off, len)) in parts.iter().enumerate() {
         if parts.len() > 2 && i > 1 && rng.chance(25) {
             continue;
@@ -254,14 +257,50 @@ fn aio_group(
         let _ = writeln!(text, "aio_write -P {p} {off} {len}");
         model.set(off, len, Some(p));
         n += 1;
+        if rng.chance(20) {
+            n += sync_beside(rng, model, text, size, cluster, group);
+        }
     }
     text.push_str("aio_flush\n");
     n + 1
 }
 
+/// A synchronous write or checked read outside the clusters of an aio group, issued while the group's
+/// requests are in flight (they run alongside, as in qemu-io). Returns the number of commands added.
+fn sync_beside(
+    rng: &mut Rng,
+    model: &mut Model,
+    text: &mut String,
+    size: u64,
+    cluster: u64,
+    (gs, ge): (u64, u64),
+) -> usize {
+    for _ in 0..4 {
+        let (off, len) = extent(rng, size, cluster);
+        if off < ge && gs < off + len {
+            continue;
+        }
+        if rng.chance(60) {
+            let p = pattern(rng);
+            let _ = writeln!(text, "write -P {p} {off} {len}");
+            model.set(off, len, Some(p));
+            return 1;
+        }
+        // A checked read of a known run that stays outside the group.
+        if let Some((roff, rlen, p)) = known_run(rng, model) {
+            if roff >= ge || roff + rlen <= gs {
+                let _ = writeln!(text, "read -P {p} {roff} {rlen}");
+                return 1;
+            }
+        }
+    }
+    0
+}
+
 /// Runs `program args... < script` in the work directory.
-fn run_script(w: &Work, program: &Path, args: &[&str], script: &Path) -> Out {
+fn run_script(w: &Work, program: &Path, args: &[&str], script: &Path, env: &[(&str, &str)]) -> Out {
     let mut c = Command::new("sh");
+    c.envs(env.iter().copied());
     c.arg("-c")
         .arg("exec \"$0\" \"$@\" < \"$SCRIPT\"")
         .arg(program)
@@ -322,10 +361,14 @@ fn keep(cfg: &TwinConfig, seed: u64, script: &Script) -> String {
         );
     }
     format!(
-        "config {} seed {seed}: script kept at {}\nreplay: {fill}qcow2 io {} ours.qcow2 < {} && \
+        "config {} seed {seed}: script kept at {}\nreplay: {fill}{}qcow2 io {} ours.qcow2 < {} && \
          qemu-img check ours.qcow2 (twin: the same with qemu-io, then qemu-img compare)",
         cfg.name,
         path.display(),
+        cfg.env
+            .iter()
+            .map(|(k, v)| format!("{k}={v} "))
+            .collect::<String>(),
         cfg.io_flags.join(" "),
         path.display()
     )
@@ -362,6 +405,7 @@ pub fn run_twin(cfg: &TwinConfig, seed: u64) {
         Path::new("qemu-io"),
         &["-f", "qcow2", "theirs.qcow2"],
         &script_path,
+        &[],
     );
     let theirs_text = format!("{}{}", theirs.stdout_str(), theirs.stderr);
     if !theirs.success() || theirs_text.contains("failed") {
@@ -374,7 +418,7 @@ pub fn run_twin(cfg: &TwinConfig, seed: u64) {
     let mut args: Vec<&str> = vec!["io", "-f", "qcow2"];
     args.extend_from_slice(cfg.io_flags);
     args.push("ours.qcow2");
-    let ours = run_script(&w, &bin, &args, &script_path);
+    let ours = run_script(&w, &bin, &args, &script_path, cfg.env);
     if ours.panicked() || ours.timed_out || !ours.success() || ours.stderr.contains("qcow2:") {
         fail(format!("qcow2 io failed:\n{}", ours.describe()));
     }

@@ -217,7 +217,7 @@ async fn open<B: BackendOpen>(
 /// Environment variable setting the L2 cache size of every image opened (bytes, k/M/G suffixes allowed).
 pub const L2_CACHE_ENV: &str = "QCOW2_L2_CACHE_SIZE";
 
-fn l2_cache_from_env() -> Result<Option<u64>, CliError> {
+pub(crate) fn l2_cache_from_env() -> Result<Option<u64>, CliError> {
     match std::env::var(L2_CACHE_ENV) {
         Err(std::env::VarError::NotPresent) => Ok(None),
         Err(std::env::VarError::NotUnicode(_)) => {

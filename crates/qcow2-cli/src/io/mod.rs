@@ -80,6 +80,9 @@ pub fn run(a: &IoArgs) -> Result<i32, CliError> {
         format,
         follow_backing: true,
         direct,
+        // As every command of the tool: QCOW2_L2_CACHE_SIZE sets the L2 cache (tests use a tiny one to
+        // exercise evictions of dirty slices).
+        l2_cache_bytes: crate::engine::l2_cache_from_env()?,
         ..OpenOptions::default()
     };
     let source = if a.commands.is_empty() {
