@@ -134,7 +134,7 @@ pub(crate) async fn read_owned<B: Backend>(
                 return Ok(buf);
             }
             Layer::Qcow2(q) => {
-                let extents = q.map(offset, len).await?;
+                let (extents, _busy) = q.map_for_read(offset, len).await?;
                 let [e] = extents.as_slice() else { break img };
                 if e.len != len {
                     break img;
@@ -196,11 +196,17 @@ async fn read_qcow2<B: Backend>(
     // compressed cluster.
     let mut batch_bytes = 0usize;
     let cs = q.geom.cluster_size();
+    // Busy marks of the host clusters read (read-write layers), held until the reads are done.
+    let mut busy = Vec::new();
     for p in items {
         let end = p.guest.0 + p.len as u64;
         let mut pos = p.guest.0;
         while pos < end {
-            for e in q.map(pos, (end - pos).min(BATCH_BYTES as u64)).await? {
+            let (extents, guards) = q
+                .map_for_read(pos, (end - pos).min(BATCH_BYTES as u64))
+                .await?;
+            busy.extend(guards);
+            for e in extents {
                 let start = p.start + (e.guest.0 - p.guest.0) as usize;
                 let len = e.len as usize;
                 match e.kind {
@@ -252,6 +258,7 @@ async fn read_qcow2<B: Backend>(
                 let keep = comp.pop();
                 read_data(q, std::mem::take(&mut data), buf).await?;
                 read_compressed(q, std::mem::take(&mut comp), buf).await?;
+                busy.clear();
                 batch_bytes = 0;
                 if let Some(k) = keep {
                     batch_bytes = cs as usize + k.desc.host_range().1 as usize;
@@ -261,7 +268,9 @@ async fn read_qcow2<B: Backend>(
         }
     }
     read_data(q, data, buf).await?;
-    read_compressed(q, comp, buf).await
+    read_compressed(q, comp, buf).await?;
+    drop(busy);
+    Ok(())
 }
 
 /// Issues the host reads of `ios` concurrently and copies the data into `buf`.

@@ -160,6 +160,26 @@ impl<B: Backend> Qcow2Layer<B> {
     /// extents. Covers at least one byte; stops at the end of the L2 slice holding `guest` (or, in a
     /// range without L2 tables, at the next allocated L1 entry).
     pub(crate) async fn map(&self, guest: u64, len: u64) -> Result<Vec<Extent>> {
+        Ok(self.map_inner(guest, len, false).await?.0)
+    }
+
+    /// As [`Qcow2Layer::map`], for reading the data: in a read-write layer the host clusters of the
+    /// data extents are marked busy (under the same lock hold as the lookup) until the returned guards
+    /// drop, so that a concurrent discard cannot have them reused or punched under the read.
+    pub(crate) async fn map_for_read(
+        &self,
+        guest: u64,
+        len: u64,
+    ) -> Result<(Vec<Extent>, Vec<write::inflight::BusyGuard>)> {
+        self.map_inner(guest, len, true).await
+    }
+
+    async fn map_inner(
+        &self,
+        guest: u64,
+        len: u64,
+        pin: bool,
+    ) -> Result<(Vec<Extent>, Vec<write::inflight::BusyGuard>)> {
         let cs = self.geom.cluster_size();
         let slice_entries = self.slice_bytes / self.geom.l2_entry_size();
         let slice_cov = slice_entries * cs; // <= l1 coverage, far below 2^64 (cluster_bits <= 21)
@@ -221,11 +241,14 @@ impl<B: Backend> Qcow2Layer<B> {
                 i += 1;
                 run_end = run_end.saturating_add(l1_cov);
             }
-            return Ok(vec![Extent {
-                guest: GuestOffset(guest),
-                len: run_end.min(end) - guest,
-                kind: Kind::Unallocated { host: None },
-            }]);
+            return Ok((
+                vec![Extent {
+                    guest: GuestOffset(guest),
+                    len: run_end.min(end) - guest,
+                    kind: Kind::Unallocated { host: None },
+                }],
+                Vec::new(),
+            ));
         };
         if l2_offset < cs || l2_offset >= self.file_len() {
             return Err(Error::corrupt(
@@ -251,7 +274,18 @@ impl<B: Backend> Qcow2Layer<B> {
         })?;
         let mut out = Vec::new();
         self.scan_slice(slice, l2_offset, slice_start, guest, stop, &mut out)?;
-        Ok(out)
+        let mut guards = Vec::new();
+        if let (true, Some(shared), None) = (pin, &self.shared, &self.data_file) {
+            let cs = self.geom.cluster_size();
+            for e in &out {
+                if let Kind::Data { host } = e.kind {
+                    let first = host.0 - host.0 % cs;
+                    let n = (host.0 + e.len).div_ceil(cs) - first / cs;
+                    guards.push(shared.tracker.mark_busy(first, n, cs));
+                }
+            }
+        }
+        Ok((out, guards))
     }
 
     /// Turns the entries of one L2 slice covering `[guest, stop)` into extents.

@@ -5,12 +5,17 @@
 //! would land on any of them (other than the structure being written, at its own place) is refused and
 //! the image marked corrupt by the caller.
 //!
-//! SKELETON (issue 3): H-ref implements; the signatures and docs below are the contract.
+//! The map is a `BTreeMap` from range start to (end, kind): since registered ranges do not overlap each
+//! other in a valid image, a write `[a, b)` hits a range iff the range starting last before `a` reaches
+//! past `a`, or some range starts inside `[a, b)`: two O(log n) lookups.
+
+use std::collections::BTreeMap;
 
 /// The kind of a metadata structure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum MetaKind {
-    /// The header cluster (cluster 0; with extensions it may be more than a cluster? no: one cluster).
+    /// The header cluster (cluster 0: the header, its extensions and the backing file name all live in
+    /// it).
     Header,
     /// The active L1 table.
     ActiveL1,
@@ -56,10 +61,14 @@ pub(crate) struct OverlapHit {
 }
 
 /// Host ranges of metadata. Ranges never overlap each other in a valid image; insertion does not
-/// check that (the caller registers what the image says).
+/// check that (the caller registers what the image says). In a corrupt image whose structures do overlap,
+/// a range hidden behind a longer earlier one may go unnoticed by [`OverlapMap::check`]; the check then
+/// still reports the structures that do not overlap each other, which is what QEMU's check guards.
 #[derive(Debug, Default)]
 pub(crate) struct OverlapMap {
-    _todo: (),
+    /// Range start -> (exclusive end, kind). One entry per start: registering a second structure at the
+    /// same start replaces the first (only possible in a corrupt image).
+    ranges: BTreeMap<u64, (u64, MetaKind)>,
 }
 
 impl OverlapMap {
@@ -68,14 +77,36 @@ impl OverlapMap {
         OverlapMap::default()
     }
 
-    /// Registers `[offset, offset + len)` as holding `kind`.
+    /// Registers `[offset, offset + len)` as holding `kind`. An empty range is not registered (nothing
+    /// can overlap it); a range running past `u64::MAX` is clamped there.
     pub(crate) fn insert(&mut self, offset: u64, len: u64, kind: MetaKind) {
-        let _ = (offset, len, kind);
+        if len == 0 {
+            return;
+        }
+        self.ranges
+            .insert(offset, (offset.saturating_add(len), kind));
     }
 
     /// Forgets every range that starts within `[offset, offset + len)` (clusters freed).
     pub(crate) fn remove_range(&mut self, offset: u64, len: u64) {
-        let _ = (offset, len);
+        let end = offset.saturating_add(len);
+        if end <= offset {
+            return;
+        }
+        let starts: Vec<u64> = self.ranges.range(offset..end).map(|(&s, _)| s).collect();
+        for s in starts {
+            self.ranges.remove(&s);
+        }
+    }
+
+    /// The number of registered ranges.
+    pub(crate) fn len(&self) -> usize {
+        self.ranges.len()
+    }
+
+    /// Whether nothing is registered.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
     }
 
     /// Checks a host write of `len` bytes at `offset`. `own`: the structure being written, at exactly
@@ -87,7 +118,119 @@ impl OverlapMap {
         len: u64,
         own: Option<(MetaKind, u64)>,
     ) -> Result<(), OverlapHit> {
-        let _ = (offset, len, own);
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset.saturating_add(len);
+        let is_own = |start: u64, kind: MetaKind| own == Some((kind, start));
+        let hit = |start: u64, (r_end, kind): (u64, MetaKind)| OverlapHit {
+            kind,
+            offset: start,
+            len: r_end - start,
+        };
+        // The range starting last at or before `offset`: it overlaps iff it reaches past `offset`.
+        if let Some((&start, &(r_end, kind))) = self.ranges.range(..=offset).next_back() {
+            if r_end > offset && !is_own(start, kind) {
+                return Err(hit(start, (r_end, kind)));
+            }
+        }
+        // Any range starting inside `(offset, end)` overlaps. At most one of them is `own` (one entry
+        // per start), so looking at the first two is enough.
+        if offset < u64::MAX {
+            for (&start, &(r_end, kind)) in self.ranges.range(offset + 1..end).take(2) {
+                if !is_own(start, kind) {
+                    return Err(hit(start, (r_end, kind)));
+                }
+            }
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map() -> OverlapMap {
+        let mut m = OverlapMap::new();
+        m.insert(0, 0x10000, MetaKind::Header);
+        m.insert(0x30000, 0x10000, MetaKind::ActiveL1);
+        m.insert(0x10000, 0x10000, MetaKind::RefcountTable);
+        m.insert(0x20000, 0x10000, MetaKind::RefcountBlock);
+        m.insert(0x50000, 0x10000, MetaKind::ActiveL2);
+        m
+    }
+
+    #[test]
+    fn hits_and_misses() {
+        let m = map();
+        assert_eq!(m.len(), 5);
+        // Free space between the L1 table and the L2 table.
+        assert_eq!(m.check(0x40000, 0x10000, None), Ok(()));
+        assert_eq!(m.check(0x60000, 1 << 40, None), Ok(()));
+        // Inside, across the start, across the end, and covering a range.
+        let l1 = |r: Result<(), OverlapHit>| r.err().map(|h| (h.kind, h.offset, h.len));
+        assert_eq!(
+            l1(m.check(0x30200, 8, None)),
+            Some((MetaKind::ActiveL1, 0x30000, 0x10000))
+        );
+        assert_eq!(
+            l1(m.check(0x2ffff, 2, Some((MetaKind::RefcountBlock, 0x20000)))),
+            Some((MetaKind::ActiveL1, 0x30000, 0x10000))
+        );
+        assert_eq!(
+            l1(m.check(0x3ffff, 0x10, None)),
+            Some((MetaKind::ActiveL1, 0x30000, 0x10000))
+        );
+        assert_eq!(
+            l1(m.check(0x40000, 0x20000, None)),
+            Some((MetaKind::ActiveL2, 0x50000, 0x10000))
+        );
+        // Exactly at the end of a range: no hit.
+        assert_eq!(m.check(0x60000, 0x1000, None), Ok(()));
+        assert_eq!(m.check(0x40000, 0x10000, None), Ok(()));
+        assert_eq!(m.check(0, 0, None), Ok(()));
+    }
+
+    #[test]
+    fn own_structure_is_exempt_only_at_its_place() {
+        let m = map();
+        // Writing the header's reftable fields.
+        assert_eq!(m.check(48, 12, Some((MetaKind::Header, 0))), Ok(()));
+        // The same write claiming another identity is a hit.
+        assert!(m.check(48, 12, Some((MetaKind::ActiveL1, 0))).is_err());
+        assert!(m.check(48, 12, Some((MetaKind::Header, 0x200))).is_err());
+        // A whole L1 table write, own exemption.
+        assert_eq!(
+            m.check(0x30000, 0x10000, Some((MetaKind::ActiveL1, 0x30000))),
+            Ok(())
+        );
+        // Running past its own range into the next: the next one is a hit.
+        let m2 = {
+            let mut m = map();
+            m.insert(0x40000, 0x200, MetaKind::SnapshotTable);
+            m
+        };
+        let r = m2.check(0x30000, 0x10001, Some((MetaKind::ActiveL1, 0x30000)));
+        assert_eq!(r.err().map(|h| h.kind), Some(MetaKind::SnapshotTable));
+        // Spanning two ranges, the first being own: the second is found.
+        let r = m2.check(0x3f000, 0x2000, Some((MetaKind::ActiveL1, 0x30000)));
+        assert_eq!(r.err().map(|h| h.kind), Some(MetaKind::SnapshotTable));
+    }
+
+    #[test]
+    fn remove_range_forgets_starts_inside() {
+        let mut m = map();
+        m.remove_range(0x20000, 0x20000);
+        assert_eq!(m.len(), 3);
+        assert_eq!(m.check(0x20000, 0x20000, None), Ok(()));
+        assert!(m.check(0x1ffff, 1, None).is_err());
+        m.remove_range(0, u64::MAX);
+        assert!(m.is_empty());
+        // Degenerate inputs do not panic.
+        m.insert(u64::MAX - 1, 10, MetaKind::ActiveL2);
+        assert!(m.check(u64::MAX - 1, 1, None).is_err());
+        m.remove_range(u64::MAX - 1, 5);
+        assert!(m.is_empty());
     }
 }
