@@ -29,6 +29,9 @@ fn cfg(name: &'static str, size: u64, create_opts: &'static str) -> TwinConfig {
         commands: 300,
         aio_percent: 8,
         env: &[],
+        granularity: 512,
+        aio_max_pieces: 12,
+        aio_max_clusters: 3,
     }
 }
 
@@ -161,5 +164,42 @@ fn tiny_l2_cache() {
         env: &[("QCOW2_L2_CACHE_SIZE", "4k")],
         aio_percent: 30,
         ..cfg("tiny_l2_cache", 128 * MIB, "cluster_size=4096")
+    });
+}
+
+#[test]
+fn aio_wide_groups() {
+    // Up to 64 requests in flight over up to 16 fresh clusters (4 KiB clusters: many writers per
+    // cluster, allocations racing for the same L2 slice and refcount block).
+    run(TwinConfig {
+        aio_percent: 70,
+        commands: 400,
+        aio_max_pieces: 64,
+        aio_max_clusters: 16,
+        ..cfg("aio_wide", 64 * MIB, "cluster_size=4096")
+    });
+}
+
+#[test]
+fn byte_granular_requests() {
+    // Offsets and lengths at any byte (qemu-io allows them; the engine takes any range).
+    run(TwinConfig {
+        granularity: 1,
+        aio_percent: 20,
+        ..cfg("bytes", 16 * MIB, "cluster_size=4096")
+    });
+}
+
+#[test]
+fn byte_granular_extended_l2_over_backing() {
+    run(TwinConfig {
+        granularity: 1,
+        backing: true,
+        aio_percent: 20,
+        ..cfg(
+            "bytes_extl2_backing",
+            16 * MIB,
+            "extended_l2=on,cluster_size=65536",
+        )
     });
 }

@@ -20,7 +20,6 @@ use super::{qcow2_bin, run_with_timeout, Out, Work, ORACLE_TIMEOUT};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
-const SECTOR: u64 = 512;
 
 /// splitmix64: a small, good, seedable generator (no dependency).
 #[derive(Debug, Clone)]
@@ -76,6 +75,12 @@ pub struct TwinConfig {
     pub aio_percent: u64,
     /// Environment of `qcow2 io` (e.g. a tiny `QCOW2_L2_CACHE_SIZE`).
     pub env: &'static [(&'static str, &'static str)],
+    /// Alignment of offsets and lengths in bytes (512; 1 for byte-granular requests).
+    pub granularity: u64,
+    /// Largest number of requests of an aio group.
+    pub aio_max_pieces: u64,
+    /// Largest number of clusters an aio group covers (the group stays within 2 MiB).
+    pub aio_max_clusters: u64,
 }
 
 impl TwinConfig {
@@ -91,12 +96,17 @@ impl TwinConfig {
 /// What each sector of the virtual disk reads as, as far as the script knows (`None`: unknown, e.g. after
 /// a discard, whose effect depends on alignment, version and backing file).
 struct Model {
+    /// Bytes per entry of `sectors` (the script's granularity).
+    unit: u64,
     sectors: Vec<Option<u8>>,
 }
 
 impl Model {
     fn set(&mut self, off: u64, len: u64, v: Option<u8>) {
-        let (a, b) = ((off / SECTOR) as usize, ((off + len) / SECTOR) as usize);
+        let (a, b) = (
+            (off / self.unit) as usize,
+            ((off + len) / self.unit) as usize,
+        );
         for s in &mut self.sectors[a..b] {
             *s = v;
         }
@@ -115,7 +125,7 @@ pub struct Script {
 
 /// A random 512-aligned extent inside the disk: sometimes cluster-aligned whole clusters, sometimes in
 /// a hot region (the first eighth of the disk) so that writes hit allocated clusters.
-fn extent(rng: &mut Rng, size: u64, cluster: u64) -> (u64, u64) {
+fn extent(rng: &mut Rng, size: u64, cluster: u64, unit: u64) -> (u64, u64) {
     let max_len = MIB.min(size);
     if rng.chance(30) {
         let clusters = size / cluster;
@@ -125,11 +135,11 @@ fn extent(rng: &mut Rng, size: u64, cluster: u64) -> (u64, u64) {
         return (start, len);
     }
     let region = if rng.chance(40) { size / 8 } else { size };
-    let off = rng.below(region / SECTOR) * SECTOR;
+    let off = rng.below(region / unit) * unit;
     let len = match rng.below(10) {
-        0..=4 => rng.range(1, 32) * SECTOR,
-        5..=7 => rng.range(1, 256) * SECTOR,
-        _ => rng.range(1, max_len / SECTOR) * SECTOR,
+        0..=4 => rng.range(1, 16 * KIB / unit) * unit,
+        5..=7 => rng.range(1, 128 * KIB / unit) * unit,
+        _ => rng.range(1, max_len / unit) * unit,
     };
     (off, len.min(size - off))
 }
@@ -145,12 +155,13 @@ pub fn generate(cfg: &TwinConfig, seed: u64) -> Script {
     let size = cfg.size;
     let cluster = cfg.cluster_size();
     let mut model = Model {
-        sectors: vec![Some(0); (size / SECTOR) as usize],
+        unit: cfg.granularity,
+        sectors: vec![Some(0); (size / cfg.granularity) as usize],
     };
     let mut backing_fill = Vec::new();
     if cfg.backing {
         for _ in 0..24 {
-            let (off, len) = extent(&mut rng, size, 64 * KIB);
+            let (off, len) = extent(&mut rng, size, 64 * KIB, 512);
             let p = pattern(&mut rng);
             backing_fill.push(format!("write -q -P {p} {off} {len}"));
             model.set(off, len, Some(p));
@@ -161,11 +172,11 @@ pub fn generate(cfg: &TwinConfig, seed: u64) -> Script {
     while n < cfg.commands {
         let roll = rng.below(100);
         if roll < cfg.aio_percent {
-            n += aio_group(&mut rng, &mut model, &mut text, size, cluster);
+            n += aio_group(&mut rng, &mut model, &mut text, cfg);
             continue;
         }
         n += 1;
-        let (off, len) = extent(&mut rng, size, cluster);
+        let (off, len) = extent(&mut rng, size, cluster, cfg.granularity);
         match rng.below(100) {
             0..=44 => {
                 let p = pattern(&mut rng);
@@ -211,7 +222,7 @@ fn known_run(rng: &mut Rng, model: &Model) -> Option<(u64, u64, u8)> {
         while e < total && e - s < max && model.sectors[e] == Some(p) {
             e += 1;
         }
-        return Some((s as u64 * SECTOR, (e - s) as u64 * SECTOR, p));
+        return Some((s as u64 * model.unit, (e - s) as u64 * model.unit, p));
     }
     None
 }
@@ -219,18 +230,15 @@ fn known_run(rng: &mut Rng, model: &Model) -> Option<(u64, u64, u8)> {
 /// A group of `aio_write`s over one to three clusters (at most 2 MiB): the region is cut at random
 /// sector boundaries into pieces, some pieces are left out (so partly written clusters need copy-on-write
 /// while their neighbours are in flight), the rest are issued in random order, then `aio_flush`.
-fn aio_group(
-    rng: &mut Rng,
-    model: &mut Model,
-    text: &mut String,
-    size: u64,
-    cluster: u64,
-) -> usize {
+fn aio_group(rng: &mut Rng, model: &mut Model, text: &mut String, cfg: &TwinConfig) -> usize {
+    let (size, cluster, unit) = (cfg.size, cfg.cluster_size(), model.unit);
     let clusters = size / cluster;
     let start = rng.below(clusters) * cluster;
-    let len = (rng.range(1, 3) * cluster).min(2 * MIB).min(size - start);
-    let sectors = len / SECTOR;
-    let pieces = rng.range(2, 12).min(sectors);
+    let len = (rng.range(1, cfg.aio_max_clusters) * cluster)
+        .min(2 * MIB)
+        .min(size - start);
+    let sectors = len / unit;
+    let pieces = rng.range(2, cfg.aio_max_pieces).min(sectors);
     let mut cuts: Vec<u64> = (0..pieces.saturating_sub(1))
         .map(|_| rng.range(1, sectors.saturating_sub(1).max(1)))
         .collect();
@@ -240,7 +248,7 @@ fn aio_group(
     cuts.dedup();
     let mut parts: Vec<(u64, u64)> = cuts
         .windows(2)
-        .map(|w| (start + w[0] * SECTOR, (w[1] - w[0]) * SECTOR))
+        .map(|w| (start + w[0] * unit, (w[1] - w[0]) * unit))
         .collect();
     // Fisher-Yates.
     for i in (1..parts.len()).rev() {
@@ -258,7 +266,7 @@ fn aio_group(
         model.set(off, len, Some(p));
         n += 1;
         if rng.chance(20) {
-            n += sync_beside(rng, model, text, size, cluster, group);
+            n += sync_beside(rng, model, text, cfg, group);
         }
     }
     text.push_str("aio_flush\n");
@@ -271,12 +279,11 @@ fn sync_beside(
     rng: &mut Rng,
     model: &mut Model,
     text: &mut String,
-    size: u64,
-    cluster: u64,
+    cfg: &TwinConfig,
     (gs, ge): (u64, u64),
 ) -> usize {
     for _ in 0..4 {
-        let (off, len) = extent(rng, size, cluster);
+        let (off, len) = extent(rng, cfg.size, cfg.cluster_size(), model.unit);
         if off < ge && gs < off + len {
             continue;
         }
