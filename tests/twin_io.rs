@@ -32,6 +32,7 @@ fn cfg(name: &'static str, size: u64, create_opts: &'static str) -> TwinConfig {
         granularity: 512,
         aio_max_pieces: 12,
         aio_max_clusters: 3,
+        sessions: 1,
     }
 }
 
@@ -66,7 +67,10 @@ fn cluster_2m() {
 
 #[test]
 fn refcount_bits_1() {
-    run(cfg("refcount_1", 128 * MIB, "refcount_bits=1"));
+    run(TwinConfig {
+        sessions: 2,
+        ..cfg("refcount_1", 128 * MIB, "refcount_bits=1")
+    });
 }
 
 #[test]
@@ -85,7 +89,10 @@ fn compat_v2() {
 
 #[test]
 fn lazy_refcounts() {
-    run(cfg("lazy_refcounts", 128 * MIB, "lazy_refcounts=on"));
+    run(TwinConfig {
+        sessions: 3,
+        ..cfg("lazy_refcounts", 128 * MIB, "lazy_refcounts=on")
+    });
 }
 
 #[test]
@@ -100,6 +107,7 @@ fn extended_l2() {
 fn backing_file() {
     run(TwinConfig {
         backing: true,
+        sessions: 3,
         ..cfg("backing", 128 * MIB, "cluster_size=65536")
     });
 }
@@ -182,9 +190,11 @@ fn aio_wide_groups() {
 
 #[test]
 fn byte_granular_requests() {
-    // Offsets and lengths at any byte (qemu-io allows them; the engine takes any range).
+    // Offsets and lengths at any byte (qemu-io allows them; the engine takes any range), with O_DIRECT
+    // so that every unaligned piece goes through the engine's bounce buffers.
     run(TwinConfig {
         granularity: 1,
+        io_flags: &["-t", "none", "-i", "io_uring"],
         aio_percent: 20,
         ..cfg("bytes", 16 * MIB, "cluster_size=4096")
     });
@@ -195,6 +205,7 @@ fn byte_granular_extended_l2_over_backing() {
     run(TwinConfig {
         granularity: 1,
         backing: true,
+        io_flags: &["-t", "none"],
         aio_percent: 20,
         ..cfg(
             "bytes_extl2_backing",

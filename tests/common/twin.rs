@@ -81,6 +81,9 @@ pub struct TwinConfig {
     pub aio_max_pieces: u64,
     /// Largest number of clusters an aio group covers (the group stays within 2 MiB).
     pub aio_max_clusters: u64,
+    /// The script is cut into this many parts of equal line counts, each run by its own process
+    /// (so each tool reopens the image the previous session closed).
+    pub sessions: usize,
 }
 
 impl TwinConfig {
@@ -368,10 +371,12 @@ fn keep(cfg: &TwinConfig, seed: u64, script: &Script) -> String {
         );
     }
     format!(
-        "config {} seed {seed}: script kept at {}\nreplay: {fill}{}qcow2 io {} ours.qcow2 < {} && \
+        "config {} seed {seed}: script kept at {} (run as {} sessions of equal line counts)\n\
+         replay: {fill}{}qcow2 io {} ours.qcow2 < {} && \
          qemu-img check ours.qcow2 (twin: the same with qemu-io, then qemu-img compare)",
         cfg.name,
         path.display(),
+        cfg.sessions,
         cfg.env
             .iter()
             .map(|(k, v)| format!("{k}={v} "))
@@ -407,33 +412,50 @@ pub fn run_twin(cfg: &TwinConfig, seed: u64) {
         panic!("{what}\n{}", keep(cfg, seed, &script));
     };
 
-    let theirs = run_script(
-        &w,
-        Path::new("qemu-io"),
-        &["-f", "qcow2", "theirs.qcow2"],
-        &script_path,
-        &[],
-    );
-    let theirs_text = format!("{}{}", theirs.stdout_str(), theirs.stderr);
-    if !theirs.success() || theirs_text.contains("failed") {
-        fail(format!(
-            "qemu-io itself failed the script (a bug of the generator's model):\n{}",
-            theirs.describe()
-        ));
-    }
+    let lines: Vec<&str> = script.text.lines().collect();
+    let per = lines.len().div_ceil(cfg.sessions.max(1)).max(1);
+    let parts: Vec<PathBuf> = lines
+        .chunks(per)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let p = w.p(&format!("script.{i}.txt"));
+            std::fs::write(&p, chunk.join("\n") + "\n").expect("write script part");
+            p
+        })
+        .collect();
     let bin = qcow2_bin();
     let mut args: Vec<&str> = vec!["io", "-f", "qcow2"];
     args.extend_from_slice(cfg.io_flags);
     args.push("ours.qcow2");
-    let ours = run_script(&w, &bin, &args, &script_path, cfg.env);
-    if ours.panicked() || ours.timed_out || !ours.success() || ours.stderr.contains("qcow2:") {
-        fail(format!("qcow2 io failed:\n{}", ours.describe()));
-    }
-    if normalized(&ours.stdout_str()) != normalized(&theirs.stdout_str()) {
-        let (a, b) = (
-            normalized(&ours.stdout_str()),
-            normalized(&theirs.stdout_str()),
+    let (mut theirs_out, mut ours_out) = (String::new(), String::new());
+    for (i, part) in parts.iter().enumerate() {
+        let theirs = run_script(
+            &w,
+            Path::new("qemu-io"),
+            &["-f", "qcow2", "theirs.qcow2"],
+            part,
+            &[],
         );
+        let theirs_text = format!("{}{}", theirs.stdout_str(), theirs.stderr);
+        if !theirs.success() || theirs_text.contains("failed") {
+            fail(format!(
+                "qemu-io itself failed session {i} of the script (a bug of the generator's model):\n{}",
+                theirs.describe()
+            ));
+        }
+        let ours = run_script(&w, &bin, &args, part, cfg.env);
+        if ours.panicked() || ours.timed_out || !ours.success() || ours.stderr.contains("qcow2:") {
+            fail(format!(
+                "qcow2 io failed in session {i}:\n{}",
+                ours.describe()
+            ));
+        }
+        theirs_out.push_str(&theirs.stdout_str());
+        ours_out.push_str(&ours.stdout_str());
+    }
+    let (ours, theirs) = (ours_out, theirs_out);
+    if normalized(&ours) != normalized(&theirs) {
+        let (a, b) = (normalized(&ours), normalized(&theirs));
         let first = a
             .iter()
             .zip(&b)
