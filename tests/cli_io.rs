@@ -233,3 +233,66 @@ fn commands_from_stdin_with_prompts() {
     );
     compare_images(&w);
 }
+
+/// `qcow2 bench -w`: qemu-img bench's banner, every request written with the pattern at its offset (gaps
+/// of the step stay unallocated zeros), a clean image afterwards, in every backend / flush mode.
+#[test]
+fn bench_write_mode() {
+    let w = Work::new();
+    for flags in [
+        &[][..],
+        &["--flush-interval", "100"],
+        &["--flush-interval", "100", "--no-drain"],
+        &["-i", "io_uring", "--flush-interval", "50"],
+        &["-t", "none", "-i", "io_uring"],
+        &["-t", "none", "-i", "threads"],
+    ] {
+        w.qemu_img(&["create", "-q", "-f", "qcow2", "b.qcow2", "16M"]);
+        let mut args = vec![
+            "bench",
+            "-w",
+            "-c",
+            "1000",
+            "-d",
+            "16",
+            "-s",
+            "4096",
+            "-S",
+            "8192",
+            "-o",
+            "4096",
+            "--pattern",
+            "0x5a",
+        ];
+        args.extend_from_slice(flags);
+        args.push("b.qcow2");
+        let o = w.qcow2_try(&args, &[], ORACLE_TIMEOUT);
+        assert!(o.success(), "{}", o.describe());
+        let text = o.stdout_str();
+        assert!(
+            text.starts_with(
+                "Sending 1000 write requests, 4096 bytes each, 16 in parallel (starting at offset 4096, step size 8192)\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("Run completed in "), "{text}");
+        assert_eq!(
+            text.contains("Sending flush every"),
+            flags.contains(&"--flush-interval"),
+            "{text}"
+        );
+        w.qemu_img(&["check", "-q", "b.qcow2"]);
+        // 1000 requests of 4 KiB every 8 KiB from 4 KiB: [4k, 8M) alternating data / zeros.
+        w.qemu_io(
+            &[],
+            "b.qcow2",
+            &[
+                "read -P 0 0 4k",
+                "read -P 0x5a 4k 4k",
+                "read -P 0 8k 4k",
+                "read -P 0x5a 7996k 4k",
+                "read -P 0 8000k 8M",
+            ],
+        );
+    }
+}
