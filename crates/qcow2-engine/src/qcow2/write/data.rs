@@ -350,10 +350,20 @@ impl<B: Backend> Qcow2Layer<B> {
             }
         }
         bufs.push(data.slice(..(stop - pos) as usize));
-        if tb > ta && !(fresh && tzero) {
-            bufs.push(self.cow_bytes(img, last_g + ta, tb - ta, tzero).await?);
-        }
         let (file, fname) = self.data_backend();
+        if tb > ta {
+            if fresh && tzero {
+                // The tail already reads as zeros, but extend the file over it (fallocate, as QEMU's
+                // zero-COW path does) so that the writes that fill the rest of the cluster later are
+                // not file-extending writes, which the kernel serialises (O_DIRECT especially).
+                let at = host + (n - 1) * cs + ta;
+                file.zero_range(at, tb - ta)
+                    .await
+                    .map_err(Error::io(fname, "write zeroes", at))?;
+            } else {
+                bufs.push(self.cow_bytes(img, last_g + ta, tb - ta, tzero).await?);
+            }
+        }
         file.writev_at(bufs, start)
             .await
             .map_err(Error::io(fname, "write", start))

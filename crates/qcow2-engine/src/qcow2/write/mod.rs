@@ -26,7 +26,7 @@ use qcow2_format::l1::L1Entry;
 use qcow2_io::Backend;
 
 use super::overlap::{MetaKind, OverlapMap};
-use super::rebuild::rebuild_refcounts;
+use super::rebuild::{bitmap_ranges, rebuild_and_load};
 use super::refcount::{HostAlloc, MetaIo, Refcounts};
 use super::snapshots::read_snapshot_table;
 use super::{Metadata, Qcow2Layer};
@@ -114,8 +114,19 @@ impl<B: Backend> Qcow2Layer<B> {
         let file_len = self.file_len();
         let mut header = self.header.clone();
         let l1 = self.meta.get_mut().l1.clone();
-        if header.is_dirty() {
-            rebuild_refcounts(&self.meta_io(), &header, &l1, file_len).await?;
+        let io = self.meta_io();
+        // Bitmaps: writes do not maintain them, so the "bitmaps consistent" autoclear bit is cleared
+        // below; QEMU then ignores the bitmaps extension, so the clusters the bitmaps hold are released
+        // (else they would be leaks). Listed while the bit still says they are valid.
+        let bitmaps_valid = header.version() == Version::V3
+            && header.header.autoclear.contains(AutoclearFeatures::BITMAPS);
+        let bitmap_refs = if bitmaps_valid {
+            bitmap_ranges(&io, &header).await?
+        } else {
+            Vec::new()
+        };
+        let mut refcounts = if header.is_dirty() {
+            let r = rebuild_and_load(&io, &header, &l1, file_len).await?;
             header.header.incompatible = header
                 .header
                 .incompatible
@@ -123,7 +134,10 @@ impl<B: Backend> Qcow2Layer<B> {
             self.write_header_field(INCOMPATIBLE_OFFSET, be64(header.header.incompatible.0))
                 .await?;
             self.sync_file().await?;
-        }
+            r
+        } else {
+            Refcounts::load(&io, &header, file_len).await?
+        };
         if header.version() == Version::V3 {
             let keep = header.header.autoclear.0 & AutoclearFeatures::RAW_EXTERNAL.0;
             if header.header.autoclear.0 != keep {
@@ -133,7 +147,18 @@ impl<B: Backend> Qcow2Layer<B> {
                 self.sync_file().await?;
             }
         }
-        let refcounts = Refcounts::load(&self.meta_io(), &header, file_len).await?;
+        if !bitmap_refs.is_empty() {
+            // The bit is durably clear: nothing references these clusters any more.
+            for (off, len) in bitmap_refs {
+                refcounts.defer_decrement(off, len);
+            }
+            let freed = refcounts.apply_deferred(&io, &|_| false).await?;
+            for (off, len) in freed {
+                if let Err(e) = self.file.punch_hole(off, len).await {
+                    tracing::debug!(file = %self.name, "punching freed clusters at {off:#x}: {e}");
+                }
+            }
+        }
 
         let mut overlap = OverlapMap::new();
         overlap.insert(0, cs, MetaKind::Header);
@@ -163,9 +188,6 @@ impl<B: Backend> Qcow2Layer<B> {
                 u64::from(s.l1_size) * 8,
                 MetaKind::InactiveL1,
             );
-        }
-        if let Some((_, size, off)) = header.bitmaps() {
-            overlap.insert(off, size, MetaKind::BitmapDirectory);
         }
         refcounts.register_metadata(&mut overlap);
 
