@@ -19,6 +19,7 @@ use serde_json::Value;
 
 pub mod images;
 pub mod malformed;
+pub mod twin;
 pub mod write;
 
 /// Default time limit for one command of an oracle test (debug builds on two shared cores).

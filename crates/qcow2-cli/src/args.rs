@@ -36,6 +36,8 @@ pub enum Command {
     Compare(CompareArgs),
     /// Run a simple read benchmark.
     Bench(BenchArgs),
+    /// Run qemu-io commands (read, write, aio_write, discard, flush) on an image.
+    Io(crate::io::IoArgs),
     /// Create a new image.
     Create(CreateArgs),
 }

@@ -1,4 +1,4 @@
-//! `bench` (read mode): qemu-img bench's request pattern and messages.
+//! `bench`: qemu-img bench's request pattern and messages, in read mode and in write mode (`-w`).
 //!
 //! `count` requests of `bufsize` bytes, `depth` of them in flight; the first at `offset`, each next one
 //! `step` bytes further, wrapping so that every request stays inside the image (qemu-img's current rule:
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use std::future::Future;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesUnordered, StreamExt};
 
 use crate::error::CliError;
@@ -96,6 +96,128 @@ pub trait BenchTarget {
         offset: u64,
         buf: BytesMut,
     ) -> impl Future<Output = Result<BytesMut, CliError>>;
+
+    /// Writes `data` at `offset` (write mode). Targets that cannot write keep this default, which
+    /// refuses.
+    fn write_owned(&self, offset: u64, data: Bytes) -> impl Future<Output = Result<(), CliError>> {
+        let _ = (offset, data);
+        std::future::ready(Err(CliError::other("bench: this target cannot be written")))
+    }
+
+    /// Makes completed writes durable (write mode, `--flush-interval`).
+    fn flush(&self) -> impl Future<Output = Result<(), CliError>> {
+        std::future::ready(Ok(()))
+    }
+}
+
+/// `--flush-interval` of write mode: a flush after every `interval` completed requests; with `drain`
+/// (the default) no new request starts until the in-flight ones have completed and the flush is done,
+/// as qemu-img bench drains its queue before each flush; with `--no-drain` the flush runs alongside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushPlan {
+    /// Completed requests between two flushes (> 0).
+    pub interval: u64,
+    /// Drain the queue before each flush.
+    pub drain: bool,
+}
+
+/// qemu-img bench's second line in write mode with `--flush-interval`.
+pub fn flush_line(interval: u64) -> String {
+    format!("Sending flush every {interval} requests")
+}
+
+/// One write buffer per worker, each `bufsize` bytes of `pattern`, aligned for `O_DIRECT`; every request
+/// of a worker sends a clone of its buffer (a reference count, not a copy).
+pub fn pattern_buffers(workers: u64, bufsize: usize, pattern: u8) -> Vec<Bytes> {
+    worker_buffers(workers, bufsize)
+        .into_iter()
+        .map(|mut b| {
+            b.fill(pattern);
+            b.freeze()
+        })
+        .collect()
+}
+
+/// Counts completed requests and runs the flushes of a [`FlushPlan`]. Requests hold a read guard of
+/// `gate` while in flight; a draining flush takes the write guard, which waits for the in-flight ones
+/// and holds back new ones (Tokio's lock is fair: queued writers go before later readers).
+pub struct Flusher {
+    plan: Option<FlushPlan>,
+    done: std::sync::atomic::AtomicU64,
+    gate: tokio::sync::RwLock<()>,
+}
+
+impl Flusher {
+    /// A flusher for `plan` (`None`: no flushes, no locking).
+    pub fn new(plan: Option<FlushPlan>) -> Flusher {
+        Flusher {
+            plan,
+            done: std::sync::atomic::AtomicU64::new(0),
+            gate: tokio::sync::RwLock::new(()),
+        }
+    }
+
+    /// Runs one write request under the flush rules.
+    pub async fn write<T: BenchTarget>(
+        &self,
+        target: &T,
+        offset: u64,
+        data: Bytes,
+    ) -> Result<(), CliError> {
+        let Some(plan) = self.plan else {
+            return target.write_owned(offset, data).await;
+        };
+        {
+            let _in_flight = self.gate.read().await;
+            target.write_owned(offset, data).await?;
+        }
+        let n = self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if n.is_multiple_of(plan.interval) {
+            if plan.drain {
+                let _drained = self.gate.write().await;
+                target.flush().await?;
+            } else {
+                target.flush().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the write benchmark (`-w`): as [`run_read`], each worker writing its pattern buffer; returns
+/// the elapsed time (the final flush or close is the caller's, outside the measured time, as in
+/// qemu-img bench).
+pub async fn run_write<T: BenchTarget>(
+    target: &T,
+    p: BenchParams,
+    pattern: u8,
+    flush: Option<FlushPlan>,
+) -> Result<Duration, CliError> {
+    let size = target.size();
+    let next = RefCell::new(offsets(p, size));
+    let next = &next;
+    let flusher = Flusher::new(flush);
+    let flusher = &flusher;
+    let workers = u64::try_from(p.depth.max(1))
+        .unwrap_or(u64::MAX)
+        .min(p.count.max(1));
+    // The caller bounded bufsize (<= i32::MAX) and depth * bufsize (<= 4 GiB).
+    let mut bufs = pattern_buffers(workers, p.bufsize as usize, pattern);
+    let start = Instant::now();
+    let mut running: FuturesUnordered<_> = std::iter::from_fn(|| bufs.pop())
+        .map(|buf| async move {
+            loop {
+                let Some(off) = next.borrow_mut().next() else {
+                    return Ok::<(), CliError>(());
+                };
+                flusher.write(target, off, buf.clone()).await?;
+            }
+        })
+        .collect();
+    while let Some(done) = running.next().await {
+        done?;
+    }
+    Ok(start.elapsed())
 }
 
 /// One buffer of `bufsize` bytes per worker, each aligned to `qcow2_io::DIRECT_ALIGN`. When `bufsize`
@@ -255,6 +377,71 @@ mod tests {
             self.in_flight.set(self.in_flight.get() - 1);
             Ok(buf)
         }
+    }
+
+    /// Records writes (offset, first byte) and flushes.
+    struct WriteRecorder {
+        writes: RefCell<Vec<(u64, u8)>>,
+        flushes: std::cell::Cell<u32>,
+    }
+
+    impl BenchTarget for WriteRecorder {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+
+        async fn read_owned(&self, _offset: u64, buf: BytesMut) -> Result<BytesMut, CliError> {
+            Ok(buf)
+        }
+
+        async fn write_owned(&self, offset: u64, data: Bytes) -> Result<(), CliError> {
+            assert_eq!(data.as_ptr() as usize % qcow2_io::DIRECT_ALIGN, 0);
+            self.writes.borrow_mut().push((offset, data[0]));
+            tokio::task::yield_now().await;
+            Ok(())
+        }
+
+        async fn flush(&self) -> Result<(), CliError> {
+            self.flushes.set(self.flushes.get() + 1);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn write_mode_writes_the_pattern_and_flushes() {
+        let p = BenchParams {
+            count: 100,
+            depth: 4,
+            bufsize: 4096,
+            offset: 0,
+            step: 4096,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        for drain in [true, false] {
+            let r = WriteRecorder {
+                writes: RefCell::new(Vec::new()),
+                flushes: std::cell::Cell::new(0),
+            };
+            let plan = FlushPlan {
+                interval: 10,
+                drain,
+            };
+            rt.block_on(run_write(&r, p, 0x5a, Some(plan)))
+                .expect("bench");
+            let w = r.writes.borrow();
+            assert_eq!(w.len(), 100);
+            assert!(w.iter().all(|&(_, b)| b == 0x5a));
+            // Every request once (a worker waiting at a draining flush may record its offset late).
+            let mut want: Vec<u64> = offsets(p, 1 << 20).collect();
+            let mut got: Vec<u64> = w.iter().map(|&(o, _)| o).collect();
+            want.sort_unstable();
+            got.sort_unstable();
+            assert_eq!(got, want);
+            assert_eq!(r.flushes.get(), 10);
+        }
+        assert_eq!(flush_line(10), "Sending flush every 10 requests");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use qcow2_engine::{Image, ImageFormat, ImageInfo, OpenOptions};
 use qcow2_io::{Backend, BackendOpen, OpenFlags};
 
 use crate::args::{self, BenchArgs, CompareArgs, ConvertArgs, InfoArgs, MapArgs, Output};
-use crate::bench::{self, BenchParams, BenchTarget};
+use crate::bench::{self, BenchParams, BenchTarget, FlushPlan};
 use crate::compare;
 use crate::convert::{self, ConvertOptions};
 use crate::error::CliError;
@@ -20,6 +20,9 @@ use crate::info_fmt::{self, FileRecord, InfoRecord, Qcow2Record};
 use crate::map_fmt::{MapEntry, Mapper, OutputFormat};
 use crate::progress::Progress;
 use crate::source::{BlockSink, BlockSource, Extent};
+
+mod qcow2_out;
+use qcow2_out::{convert_to_qcow2, ConvertTarget};
 
 /// Largest block-status query of `map` (qemu-img probes 1 GiB at a time).
 const MAP_PROBE: u64 = 1 << 30;
@@ -82,6 +85,25 @@ impl<B: Backend> BenchTarget for EngineSource<B> {
 
     async fn read_owned(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, CliError> {
         self.read_buf(offset, buf).await
+    }
+
+    async fn write_owned(&self, offset: u64, data: Bytes) -> Result<(), CliError> {
+        self.image
+            .write_bytes(offset, data)
+            .await
+            .map_err(|e| CliError::Write {
+                path: self.name().to_string(),
+                offset,
+                reason: e.to_string(),
+            })
+    }
+
+    async fn flush(&self) -> Result<(), CliError> {
+        self.image.flush().await.map_err(|e| CliError::Write {
+            path: self.name().to_string(),
+            offset: 0,
+            reason: e.to_string(),
+        })
     }
 }
 
@@ -150,6 +172,8 @@ struct OpenMode {
     direct: bool,
     /// Metadata only, as `qemu-img info`: the external data file is not opened.
     metadata_only: bool,
+    /// Open the top image read-write (`bench -w`); backing images stay read-only.
+    writable: bool,
 }
 
 /// The mode of the commands that read guest data: whole chain, page cache unless `direct`.
@@ -158,6 +182,7 @@ fn data_mode(direct: bool) -> OpenMode {
         follow_backing: true,
         direct,
         metadata_only: false,
+        writable: false,
     }
 }
 
@@ -170,7 +195,7 @@ async fn open<B: BackendOpen>(
     // Future engine options keep their defaults.
     #[allow(clippy::needless_update)]
     let opts = OpenOptions {
-        read_only: true,
+        read_only: !mode.writable,
         format: parse_format(path, fmt)?,
         follow_backing: mode.follow_backing,
         direct: mode.direct,
@@ -195,7 +220,7 @@ async fn open<B: BackendOpen>(
 /// Environment variable setting the L2 cache size of every image opened (bytes, k/M/G suffixes allowed).
 pub const L2_CACHE_ENV: &str = "QCOW2_L2_CACHE_SIZE";
 
-fn l2_cache_from_env() -> Result<Option<u64>, CliError> {
+pub(crate) fn l2_cache_from_env() -> Result<Option<u64>, CliError> {
     match std::env::var(L2_CACHE_ENV) {
         Err(std::env::VarError::NotPresent) => Ok(None),
         Err(std::env::VarError::NotUnicode(_)) => {
@@ -222,6 +247,7 @@ pub async fn info<B: BackendOpen>(a: &InfoArgs) -> Result<i32, CliError> {
         follow_backing: a.backing_chain,
         direct: false,
         metadata_only: true,
+        writable: false,
     };
     let image = open::<B>(path, a.report.format.as_deref(), mode).await?;
     let layers: Vec<&Image<B>> = if a.backing_chain {
@@ -383,23 +409,32 @@ pub async fn convert<B: BackendOpen>(a: &ConvertArgs) -> Result<i32, CliError> {
         ));
     }
     let (src_path, dst_path) = (a.files[0].as_str(), a.files[1].as_str());
-    match a.output_format.as_deref() {
-        None | Some("raw") => {}
+    let qcow2_out = match a.output_format.as_deref() {
+        None | Some("raw") => false,
+        Some("qcow2") => true,
         Some(other) => {
             return Err(CliError::Usage(format!(
-                "{dst_path}: output format '{other}' is not supported yet (only raw)"
+                "{dst_path}: output format '{other}' is not supported yet (only raw and qcow2)"
             )))
         }
-    }
+    };
     if a.compress {
         return Err(CliError::Usage(format!(
-            "{dst_path}: Compression not supported for this file format"
+            "{dst_path}: {}",
+            if qcow2_out {
+                "Compressed output is not supported yet"
+            } else {
+                "Compression not supported for this file format"
+            }
         )));
     }
-    if let Some(o) = a.options.as_deref().filter(|o| !o.is_empty()) {
-        return Err(CliError::Usage(format!(
-            "{dst_path}: Invalid options for file format 'raw': {o}"
-        )));
+    // qcow2 `-o` options are parsed with `qcow2 create`'s parser when the target is created.
+    if !qcow2_out {
+        if let Some(o) = a.options.as_deref().filter(|o| !o.is_empty()) {
+            return Err(CliError::Usage(format!(
+                "{dst_path}: Invalid options for file format 'raw': {o}"
+            )));
+        }
     }
     let parallel = match a.parallel.as_deref() {
         None => 8,
@@ -411,7 +446,7 @@ pub async fn convert<B: BackendOpen>(a: &ConvertArgs) -> Result<i32, CliError> {
             )),
         },
     };
-    args::cache_is_direct(a.target_cache.as_deref())?;
+    let dst_direct = args::cache_is_direct(a.target_cache.as_deref())?;
     let src_direct = args::cache_is_direct(a.source_cache.as_deref())?;
     let image = open::<B>(src_path, a.format.as_deref(), data_mode(src_direct)).await?;
     for layer in image.chain() {
@@ -426,6 +461,14 @@ pub async fn convert<B: BackendOpen>(a: &ConvertArgs) -> Result<i32, CliError> {
                 "{dst_path}: the output file is also an input ({src_path} or its backing chain); refusing to overwrite it"
             )));
         }
+    }
+    if qcow2_out {
+        let target = ConvertTarget {
+            path: dst_path,
+            direct: dst_direct,
+            existing: a.no_create,
+        };
+        return convert_to_qcow2::<B>(image, target, parallel, a).await;
     }
     // A block device cannot be truncated: write into it as into an existing file (as qemu-img does).
     let existing = a.no_create
@@ -498,15 +541,12 @@ pub struct BenchPlan {
     pub direct: bool,
     /// Use io_uring (tokio-uring) instead of the thread pool.
     pub uring: bool,
+    /// Write mode (`-w`): the pattern byte and the flush plan.
+    pub write: Option<(u8, Option<FlushPlan>)>,
 }
 
 /// Checks `bench`'s options (before any runtime starts).
 pub fn bench_plan(a: &BenchArgs) -> Result<BenchPlan, CliError> {
-    if a.write {
-        return Err(CliError::Usage(
-            "bench: write mode (-w) is not supported yet; only reads".into(),
-        ));
-    }
     const INT_MAX: u64 = i32::MAX as u64;
     let count = args::bench_number("request count", a.count.as_deref(), 75000, 1, INT_MAX)?;
     // qemu-img allows INT_MAX; more than 65536 tasks in flight only wastes memory.
@@ -536,7 +576,9 @@ pub fn bench_plan(a: &BenchArgs) -> Result<BenchPlan, CliError> {
         uring = true;
         direct = true;
     }
+    let write = bench_write_plan(a)?;
     Ok(BenchPlan {
+        write,
         params: BenchParams {
             count,
             depth: depth as usize,
@@ -549,17 +591,78 @@ pub fn bench_plan(a: &BenchArgs) -> Result<BenchPlan, CliError> {
     })
 }
 
-/// Opens the image for `bench` and prints the banner.
+/// `-w`, `--pattern`, `--flush-interval` and `--no-drain` as qemu-img bench checks them.
+fn bench_write_plan(a: &BenchArgs) -> Result<Option<(u8, Option<FlushPlan>)>, CliError> {
+    let interval = match a.flush_interval.as_deref() {
+        None => 0,
+        Some(text) => text
+            .parse::<u32>()
+            .map_err(|_| CliError::Usage(format!("Invalid flush interval specified: '{text}'.")))?,
+    };
+    if !a.write {
+        if interval > 0 {
+            return Err(CliError::Usage(
+                "--flush-interval is only available in write tests".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let pattern = match a.pattern.as_deref() {
+        None => 0,
+        Some(text) => {
+            let hex = text
+                .strip_prefix("0x")
+                .or_else(|| text.strip_prefix("0X"))
+                .map(|h| u64::from_str_radix(h, 16).ok());
+            let value = match hex {
+                Some(v) => v,
+                None => crate::size::parse_size(text).ok(),
+            };
+            value.and_then(|v| u8::try_from(v).ok()).ok_or_else(|| {
+                CliError::Usage("Invalid pattern byte specified. Must be between 0 and 255.".into())
+            })?
+        }
+    };
+    let flush = (interval > 0).then_some(FlushPlan {
+        interval: u64::from(interval),
+        drain: !a.no_drain,
+    });
+    Ok(Some((pattern, flush)))
+}
+
+/// Opens the image for `bench` (read-write in write mode) and prints the banner.
 async fn bench_open<B: BackendOpen>(a: &BenchArgs, plan: &BenchPlan) -> Result<Image<B>, CliError> {
     let path = args::one_file(&a.files)?;
-    let image = open::<B>(path, a.format.as_deref(), data_mode(plan.direct)).await?;
+    let mode = OpenMode {
+        writable: plan.write.is_some(),
+        ..data_mode(plan.direct)
+    };
+    let image = open::<B>(path, a.format.as_deref(), mode).await?;
     if !a.quiet {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{}", plan.params.banner(false))
+        writeln!(out, "{}", plan.params.banner(plan.write.is_some()))
+            .and_then(|()| match plan.write {
+                Some((_, Some(f))) => writeln!(out, "{}", bench::flush_line(f.interval)),
+                _ => Ok(()),
+            })
             .and_then(|()| out.flush())
             .map_err(stdout_error)?;
     }
     Ok(image)
+}
+
+/// After a write run: close the image (flush, refcounts, dirty bit), outside the measured time as
+/// qemu-img bench closes its image after printing the time.
+async fn bench_close<B: Backend>(image: &Image<B>, plan: &BenchPlan) -> Result<(), CliError> {
+    if plan.write.is_none() {
+        return Ok(());
+    }
+    image.close().await.map_err(|e| {
+        CliError::other(format!(
+            "{}: closing the image failed: {e}",
+            image.filename()
+        ))
+    })
 }
 
 fn bench_done(a: &BenchArgs, elapsed: std::time::Duration) -> Result<i32, CliError> {
@@ -575,6 +678,11 @@ fn bench_done(a: &BenchArgs, elapsed: std::time::Duration) -> Result<i32, CliErr
 fn bench_error(e: CliError) -> CliError {
     match e {
         CliError::Read {
+            path,
+            offset,
+            reason,
+        }
+        | CliError::Write {
             path,
             offset,
             reason,
@@ -595,13 +703,34 @@ pub async fn bench_threads(a: &BenchArgs, plan: &BenchPlan) -> Result<i32, CliEr
     let p = plan.params;
     let size = image.virtual_size();
     let next = Arc::new(AtomicU64::new(0));
+    let workers = p.depth.min(usize::try_from(p.count).unwrap_or(usize::MAX));
+    let flusher = Arc::new(bench::Flusher::new(plan.write.and_then(|(_, f)| f)));
+    let mut wbufs = match plan.write {
+        Some((pattern, _)) => bench::pattern_buffers(workers as u64, p.bufsize as usize, pattern),
+        None => Vec::new(),
+    };
     let start = std::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..p.depth.min(usize::try_from(p.count).unwrap_or(usize::MAX)) {
+    for _ in 0..workers {
         let src = EngineSource {
             image: image.clone(),
         };
         let next = Arc::clone(&next);
+        if let Some(data) = wbufs.pop() {
+            let flusher = Arc::clone(&flusher);
+            tasks.spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= p.count {
+                        return Ok::<(), CliError>(());
+                    }
+                    flusher
+                        .write(&src, bench::offset_of(p, size, i), data.clone())
+                        .await?;
+                }
+            });
+            continue;
+        }
         tasks.spawn(async move {
             // bufsize <= i32::MAX and depth * bufsize <= 4 GiB were checked by bench_plan.
             let mut buf = qcow2_io::aligned::aligned_bytes_mut(p.bufsize as usize);
@@ -620,15 +749,20 @@ pub async fn bench_threads(a: &BenchArgs, plan: &BenchPlan) -> Result<i32, CliEr
             Err(e) => return Err(CliError::other(format!("bench: a worker task failed: {e}"))),
         }
     }
-    bench_done(a, start.elapsed())
+    let elapsed = start.elapsed();
+    bench_close(&image, plan).await?;
+    bench_done(a, elapsed)
 }
 
-/// `qcow2 bench` (read mode).
+/// `qcow2 bench` on one current-thread runtime (io_uring), read or write mode.
 pub async fn bench<B: BackendOpen>(a: &BenchArgs, plan: &BenchPlan) -> Result<i32, CliError> {
     let image = bench_open::<B>(a, plan).await?;
     let src = EngineSource { image };
-    let elapsed = bench::run_read(&src, plan.params)
-        .await
-        .map_err(bench_error)?;
+    let elapsed = match plan.write {
+        None => bench::run_read(&src, plan.params).await,
+        Some((pattern, flush)) => bench::run_write(&src, plan.params, pattern, flush).await,
+    }
+    .map_err(bench_error)?;
+    bench_close(&src.image, plan).await?;
     bench_done(a, elapsed)
 }

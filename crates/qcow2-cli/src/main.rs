@@ -15,6 +15,7 @@ mod create;
 mod engine;
 mod error;
 mod info_fmt;
+mod io;
 mod localtime;
 mod map_fmt;
 mod progress;
@@ -103,6 +104,10 @@ fn init_tracing() {
 fn run(command: Command) -> Result<i32, CliError> {
     use qcow2_io::{LocalBackend, StdFileBackend};
 
+    if let Command::Io(a) = &command {
+        return io::run(a);
+    }
+
     if let Command::Bench(a) = &command {
         let plan = engine::bench_plan(a)?;
         if plan.uring {
@@ -118,7 +123,7 @@ fn run(command: Command) -> Result<i32, CliError> {
             Command::Map(a) => engine::map::<StdFileBackend>(a).await,
             Command::Convert(a) => engine::convert::<StdFileBackend>(a).await,
             Command::Compare(a) => engine::compare::<StdFileBackend>(a).await,
-            Command::Bench(_) => Err(CliError::other("bench is handled above")),
+            Command::Bench(_) | Command::Io(_) => Err(CliError::other("handled above")),
             Command::Create(a) => create::create::<StdFileBackend>(a).await,
         }
     })
