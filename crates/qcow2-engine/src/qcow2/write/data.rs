@@ -21,7 +21,6 @@ use qcow2_io::Backend;
 
 use super::super::entry::ClusterEntry;
 use super::super::Qcow2Layer;
-use super::inflight::Conflict;
 use crate::error::{Error, Result};
 use crate::image::Image;
 
@@ -120,27 +119,11 @@ impl<B: Backend> Qcow2Layer<B> {
     async fn write_step(&self, img: &Image<B>, pos: u64, data: Bytes) -> Result<u64> {
         let shared = self.shared()?;
         let cs = self.geom.cluster_size();
-        let slice_cov = (self.slice_bytes / self.geom.l2_entry_size()) * cs;
         let end = pos + data.len() as u64;
-        loop {
-            let mut guard = self.meta.lock().await;
-            self.check_usable()?;
+        {
+            let (mut guard, stop) = self.lock_step(pos, end).await?;
             let meta = &mut *guard;
-            let mut stop = end.min(
-                (pos / slice_cov)
-                    .saturating_add(1)
-                    .saturating_mul(slice_cov),
-            );
             let c0 = pos / cs;
-            match shared.tracker.conflict(c0, stop.div_ceil(cs)) {
-                Conflict::Wait(listener) => {
-                    drop(guard);
-                    listener.await;
-                    continue;
-                }
-                Conflict::StopAt(c) => stop = stop.min(c * cs),
-                Conflict::None => {}
-            }
             let table = self
                 .l2_table_for_write(meta, pos, true)
                 .await?
@@ -248,7 +231,7 @@ impl<B: Backend> Qcow2Layer<B> {
                 }
             }
             drop(alloc_guard);
-            return Ok(len);
+            Ok(len)
         }
     }
 

@@ -96,6 +96,37 @@ impl<B: Backend> Qcow2Layer<B> {
         self.shared.as_ref().ok_or(Error::ReadOnly)
     }
 
+    /// Takes the metadata lock for one step of a request starting at guest offset `pos` and ending at
+    /// most at `end`: the step stays within one L2 slice, waits (lock dropped, then retaken) while an
+    /// in-flight allocation covers its first cluster, and stops before the first one it would overlap.
+    /// Returns the guard and where the step ends.
+    pub(crate) async fn lock_step(
+        &self,
+        pos: u64,
+        end: u64,
+    ) -> Result<(async_lock::MutexGuard<'_, Metadata>, u64)> {
+        let shared = self.shared()?;
+        let cs = self.geom.cluster_size();
+        let slice_cov = (self.slice_bytes / self.geom.l2_entry_size()) * cs;
+        loop {
+            let guard = self.meta.lock().await;
+            self.check_usable()?;
+            let stop = end.min(
+                (pos / slice_cov)
+                    .saturating_add(1)
+                    .saturating_mul(slice_cov),
+            );
+            match shared.tracker.conflict(pos / cs, stop.div_ceil(cs)) {
+                inflight::Conflict::Wait(listener) => {
+                    drop(guard);
+                    listener.await;
+                }
+                inflight::Conflict::StopAt(c) => return Ok((guard, stop.min(c * cs))),
+                inflight::Conflict::None => return Ok((guard, stop)),
+            }
+        }
+    }
+
     /// Context for the refcount module.
     pub(crate) fn meta_io(&self) -> MetaIo<'_, B> {
         MetaIo {

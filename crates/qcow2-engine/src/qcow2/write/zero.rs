@@ -20,7 +20,6 @@ use qcow2_io::Backend;
 
 use super::super::entry::ClusterEntry;
 use super::super::Qcow2Layer;
-use super::inflight::Conflict;
 use crate::error::{Error, Result};
 
 /// Which whole-cluster operation.
@@ -65,29 +64,12 @@ impl<B: Backend> Qcow2Layer<B> {
         op: ZeroOp,
         has_backing: bool,
     ) -> Result<()> {
-        let shared = self.shared()?;
         let cs = self.geom.cluster_size();
-        let slice_cov = (self.slice_bytes / self.geom.l2_entry_size()) * cs;
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
-            let mut guard = self.meta.lock().await;
-            self.check_usable()?;
+            let (mut guard, stop) = self.lock_step(pos, end).await?;
             let meta = &mut *guard;
-            let mut stop = end.min(
-                (pos / slice_cov)
-                    .saturating_add(1)
-                    .saturating_mul(slice_cov),
-            );
-            match shared.tracker.conflict(pos / cs, stop.div_ceil(cs)) {
-                Conflict::Wait(listener) => {
-                    drop(guard);
-                    listener.await;
-                    continue;
-                }
-                Conflict::StopAt(c) => stop = stop.min(c * cs),
-                Conflict::None => {}
-            }
             // A table is needed only when some entry must change from unallocated.
             let v3 = self.header.version() == qcow2_format::header::Version::V3;
             let create = match op {
@@ -136,21 +118,12 @@ impl<B: Backend> Qcow2Layer<B> {
         len: u64,
         how: SubZero,
     ) -> Result<bool> {
-        let shared = self.shared()?;
         let cs = self.geom.cluster_size();
         let sc = self.geom.subcluster_size();
-        loop {
-            let mut guard = self.meta.lock().await;
-            self.check_usable()?;
+        {
+            // The part lies within one cluster, so the step covers it whole.
+            let (mut guard, _) = self.lock_step(offset, offset + len.max(1)).await?;
             let meta = &mut *guard;
-            match shared.tracker.conflict(offset / cs, offset / cs + 1) {
-                Conflict::Wait(listener) => {
-                    drop(guard);
-                    listener.await;
-                    continue;
-                }
-                Conflict::StopAt(_) | Conflict::None => {}
-            }
             let table = self
                 .l2_table_for_write(meta, offset, true)
                 .await?
@@ -209,7 +182,7 @@ impl<B: Backend> Qcow2Layer<B> {
                     }
                 }
             }
-            return Ok(true);
+            Ok(true)
         }
     }
 
