@@ -157,12 +157,25 @@ async fn zero_fragment<B: Backend>(
         backing_zero,
         unmap,
     };
-    let done = match q.zero_subclusters(sc_start, sc_end - sc_start, how).await {
+    zero_sub_or_write(img, q, (sc_start, sc_end - sc_start), how, (a, b)).await
+}
+
+/// Zeroes `meta = (offset, len)` of one cluster in metadata as `how` says (keeping a raw data file in
+/// step), or writes zeros over `[a, b)` where that does not apply, as QEMU's block layer falls back on
+/// `-ENOTSUP`.
+async fn zero_sub_or_write<B: Backend>(
+    img: &Image<B>,
+    q: &crate::qcow2::Qcow2Layer<B>,
+    meta: (u64, u64),
+    how: SubZero,
+    (a, b): (u64, u64),
+) -> Result<()> {
+    let done = match q.zero_subclusters(meta.0, meta.1, how).await {
         Ok(done) => done,
         Err(e) => return q.corruption_marks(Err(e)).await,
     };
     if done {
-        raw_data_file_zero(q, sc_start, sc_end - sc_start).await
+        raw_data_file_zero(q, meta.0, meta.1).await
     } else {
         write_zero_bytes(img, a, b - a).await
     }
@@ -190,38 +203,20 @@ async fn zero_aligned<B: Backend>(
     let mut pos = a;
     if !pos.is_multiple_of(cs) {
         let h = b.min(pos - pos % cs + cs);
-        sub_range(img, q, pos, h).await?;
+        zero_sub_or_write(img, q, (pos, h - pos), SubZero::Range, (pos, h)).await?;
         pos = h;
     }
     let m = if b == size { b } else { b - b % cs };
     if m > pos {
         let res = q.zero_clusters(pos, m - pos, op, has_backing).await;
         q.corruption_marks(res).await?;
+        raw_data_file_zero(q, pos, m - pos).await?;
         pos = m;
     }
     if pos < b {
-        sub_range(img, q, pos, b).await?;
+        zero_sub_or_write(img, q, (pos, b - pos), SubZero::Range, (pos, b)).await?;
     }
-    raw_data_file_zero(q, a, b - a).await
-}
-
-/// Zero bits for the subclusters of `[a, b)` within one cluster (extended L2), or written zeros where
-/// that does not apply (compressed clusters).
-async fn sub_range<B: Backend>(
-    img: &Image<B>,
-    q: &crate::qcow2::Qcow2Layer<B>,
-    a: u64,
-    b: u64,
-) -> Result<()> {
-    let done = match q.zero_subclusters(a, b - a, SubZero::Range).await {
-        Ok(done) => done,
-        Err(e) => return q.corruption_marks(Err(e)).await,
-    };
-    if done {
-        Ok(())
-    } else {
-        write_zero_bytes(img, a, b - a).await
-    }
+    Ok(())
 }
 
 /// Keeps a raw external data file a valid image of the guest after `[a, a + len)` became zero in
