@@ -1,16 +1,21 @@
-//! The async qcow2 engine: open qcow2 and raw images with their backing chains and read them.
+//! The async qcow2 engine: create qcow2 and raw images, open them with their backing chains, read and
+//! write them.
 //!
 //! The entry point is [`Image`], generic over a storage backend (`qcow2_io::Backend`):
-//! [`Image::open`] opens an image and its chain, [`Image::read`] reads any range of the virtual disk,
-//! [`Image::block_status`] reports allocation as `qemu-img map` does, [`Image::info`] what
-//! `qemu-img info` shows. `Image` is a cheap clone, usable from many tasks at once.
+//! [`Image::create`] makes an image as `qemu-img create` does, [`Image::open`] opens an image and its
+//! chain (read-write with `OpenOptions { read_only: false, .. }`), [`Image::read`] and [`Image::write`]
+//! serve any range of the virtual disk, [`Image::write_zeroes`], [`Image::discard`], [`Image::flush`]
+//! and [`Image::close`] behave as QEMU's, [`Image::block_status`] reports allocation as `qemu-img map`
+//! does, [`Image::info`] what `qemu-img info` shows. `Image` is a cheap clone, usable from many tasks
+//! at once.
 //!
 //! Module map (one concept each):
 //! - [`error`]: the error type; [`options`]: open options and formats; [`info`]: image information;
 //!   [`status`]: block status;
 //! - `image`: the handle; `chain`: opening and resolving backing chains; `raw`: raw images;
-//! - `qcow2`: header, L1 table, L2 slice cache and lookup; `cache`: the LRU cache; `mapping`: extents
-//!   of a lookup; `read`: the read path.
+//! - `qcow2`: header, L1 table, L2 slice cache and lookup, and (`qcow2::write`, `refcount`, `overlap`,
+//!   `rebuild`) the write side; `cache`: the LRU cache; `mapping`: extents of a lookup; `read`: the
+//!   read path; `write`: the image-level write path; `create`: image creation.
 //!
 //! The on-disk format is QEMU's `docs/interop/qcow2.txt`; behaviour is checked against QEMU 10.
 //!
