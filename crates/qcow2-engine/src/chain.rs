@@ -314,6 +314,7 @@ pub(crate) async fn open_single<B: Backend>(
     backend: B,
     name: &str,
     opts: &OpenOptions,
+    backing: Option<Image<B>>,
 ) -> Result<Image<B>> {
     let o = open_layer(
         backend,
@@ -329,6 +330,18 @@ pub(crate) async fn open_single<B: Backend>(
         },
     )
     .await?;
+    if let Some(below) = backing {
+        if o.backing.is_none() && opts.follow_backing {
+            return Err(Error::Unsupported {
+                path: name.to_owned(),
+                what: "a backing image for an image that names no backing file".into(),
+            });
+        }
+        let mut o = o;
+        o.backing = None;
+        let img = assemble(vec![o])?;
+        return Ok(attach_backing(img, below));
+    }
     if o.backing.is_some() {
         return Err(Error::Unsupported {
             path: name.to_owned(),
@@ -339,6 +352,20 @@ pub(crate) async fn open_single<B: Backend>(
         });
     }
     assemble(vec![o])
+}
+
+/// Puts `below` under the single image `img` (just assembled, so its `Arc` is not shared yet).
+fn attach_backing<B>(img: Image<B>, below: Image<B>) -> Image<B> {
+    match std::sync::Arc::try_unwrap(img.inner) {
+        Ok(mut inner) => {
+            inner.backing = Some(below);
+            Image {
+                inner: std::sync::Arc::new(inner),
+            }
+        }
+        // Unreachable: `assemble` returned the only reference. Keep the image as it is.
+        Err(inner) => Image { inner },
+    }
 }
 
 /// Links opened images bottom-up into `Image`s.

@@ -72,7 +72,20 @@ impl<B: Backend> Image<B> {
     /// as zeros). An image that needs an external data file is refused; so is one with a backing file
     /// unless `opts.follow_backing` is false. `name` is used in messages and [`Image::filename`].
     pub async fn open_backend(backend: B, name: &str, opts: &OpenOptions) -> Result<Image<B>> {
-        crate::chain::open_single(backend, name, opts).await
+        crate::chain::open_single(backend, name, opts, None).await
+    }
+
+    /// Opens an image from an already opened backend with `backing` as its backing image (already
+    /// opened, by the caller's means: another backend, another chain). The image must name a backing
+    /// file (its name is not used to find the file). For tests and embedders that keep images outside
+    /// the file system.
+    pub async fn open_backend_with_backing(
+        backend: B,
+        name: &str,
+        opts: &OpenOptions,
+        backing: Image<B>,
+    ) -> Result<Image<B>> {
+        crate::chain::open_single(backend, name, opts, Some(backing)).await
     }
 
     /// The virtual disk size in bytes (a multiple of 512).

@@ -39,6 +39,7 @@
 mod buf;
 mod cache;
 mod chain;
+pub mod check;
 mod create;
 pub mod error;
 mod image;
@@ -52,6 +53,7 @@ pub mod status;
 mod write;
 
 pub use chain::MAX_CHAIN_DEPTH;
+pub use check::{check_file, CheckReport, Repair};
 pub use create::{CompressionType, CreateError, CreateOptions, Preallocation, Version};
 pub use error::{Error, Result};
 pub use image::Image;
