@@ -172,6 +172,8 @@ struct Pass<'a, B> {
     snapshot_table_len: u64,
     /// Entries were dropped and not yet synced.
     need_sync: bool,
+    /// A corruption event was reported (QEMU reports the first one per image only).
+    signalled: bool,
     /// Entries to give copies of their clusters (repair of refcount overflows).
     copies: Vec<walk::Copy>,
 }
@@ -235,6 +237,7 @@ impl<'a, B: Backend> Pass<'a, B> {
             snapshots,
             snapshot_table_len,
             need_sync: false,
+            signalled: false,
             copies: Vec::new(),
             header,
         })

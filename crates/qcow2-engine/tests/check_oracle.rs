@@ -81,8 +81,10 @@ fn qemu_check(
     args.push(img);
     let out = run(dir, "qemu-img", &args);
     let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    // qemu-img's own closing lines ("qemu-img: Check failed") are the CLI's, not the check's.
     let stderr = String::from_utf8_lossy(&out.stderr)
         .lines()
+        .filter(|l| !l.starts_with("qemu-img: "))
         .map(str::to_owned)
         .collect();
     (out.status.code().unwrap_or(-1), json, stderr)
@@ -188,17 +190,20 @@ async fn run_case(c: &Case) {
     let overflow = c.name == "two entries, one cluster" && c.opts.contains("refcount_bits=1");
     if c.qemu_repairs && !overflow {
         let (qc, qj, _) = qemu_check(d, "q.qcow2", Some("all"));
-        assert_eq!(qc, 0, "{what}: qemu-img -r all: {qj}");
-        assert_eq!(
-            fixed.leaks_fixed,
-            field(&qj, "leaks-fixed"),
-            "{what}: leaks-fixed {qj} {fixed:?}"
-        );
-        assert_eq!(
-            fixed.corruptions_fixed,
-            field(&qj, "corruptions-fixed"),
-            "{what}: corruptions-fixed {qj} {fixed:?}"
-        );
+        // Where qemu-img cannot repair everything (e.g. an extended L2 bitmap left behind by the
+        // damage), ours still must (checked above); the fixed counts are compared where both can.
+        if qc == 0 {
+            assert_eq!(
+                fixed.leaks_fixed,
+                field(&qj, "leaks-fixed"),
+                "{what}: leaks-fixed {qj} {fixed:?}"
+            );
+            assert_eq!(
+                fixed.corruptions_fixed,
+                field(&qj, "corruptions-fixed"),
+                "{what}: corruptions-fixed {qj} {fixed:?}"
+            );
+        }
     }
     // -r leaks: same exit code and fixed counts as qemu-img's.
     let (lc, lj, lerr) = qemu_check(d, "q.qcow2", None);
@@ -322,5 +327,151 @@ async fn damaged_images_agree_with_qemu_img() {
             })
             .await;
         }
+    }
+}
+
+fn refblock_overlaps_l1(b: &mut [u8], l: &Layout) {
+    // Refcount table entry 0 now points at the L1 table's cluster: the structure must be rebuilt.
+    let l1 = l.l1 & !(l.cs - 1);
+    let at = l.reftable as usize;
+    b[at..at + 8].copy_from_slice(&l1.to_be_bytes());
+}
+fn reftable_entry_unaligned(b: &mut [u8], l: &Layout) {
+    let at = l.reftable as usize;
+    let v = be64(b, at) + 512;
+    b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+#[tokio::test]
+async fn more_damages_agree_with_qemu_img() {
+    skip_without_qemu!();
+    let damages: [(&str, Damage, bool); 5] = [
+        ("leak", leak, true),
+        ("refcount 0", refcount_zero, true),
+        ("refcount 2", refcount_two, true),
+        ("COPIED cleared", copied_cleared, true),
+        ("two entries, one cluster", shared, true),
+    ];
+    for opts in ["extended_l2=on", "cluster_size=2M", "compat=0.10"] {
+        for (name, damage, qemu_repairs) in damages {
+            run_case(&Case {
+                name,
+                opts,
+                io: WRITES,
+                img_cmds: &[],
+                damage,
+                qemu_repairs,
+            })
+            .await;
+        }
+    }
+    for (name, damage) in [
+        (
+            "refcount block overlaps the L1 table",
+            refblock_overlaps_l1 as Damage,
+        ),
+        ("refcount table entry unaligned", reftable_entry_unaligned),
+    ] {
+        for opts in ["", "cluster_size=512"] {
+            run_case(&Case {
+                name,
+                opts,
+                io: WRITES,
+                img_cmds: &[],
+                damage,
+                qemu_repairs: true,
+            })
+            .await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn compressed_and_snapshot_images_agree_with_qemu_img() {
+    skip_without_qemu!();
+    for opts in ["cluster_size=4096", "extended_l2=on"] {
+        for damage in [no_damage as Damage, refcount_two, copied_cleared, leak] {
+            run_case(&Case {
+                name: "snapshot",
+                opts,
+                io: WRITES,
+                img_cmds: &[
+                    &["snapshot", "-c", "s1", "img.qcow2"],
+                    &["snapshot", "-c", "s2", "img.qcow2"],
+                ],
+                damage,
+                qemu_repairs: true,
+            })
+            .await;
+        }
+    }
+    // Compressed clusters (qemu-io write -c), sharing host clusters.
+    for opts in ["cluster_size=4096", "", "extended_l2=on"] {
+        run_case(&Case {
+            name: "compressed",
+            opts,
+            io: &[
+                "write -c -P 1 0 64k",
+                "write -c -P 2 64k 64k",
+                "write -P 3 1M 64k",
+            ],
+            img_cmds: &[],
+            damage: no_damage,
+            qemu_repairs: true,
+        })
+        .await;
+    }
+}
+
+/// A lazy-refcounts image whose writer died with the dirty bit set: the stored refcounts lag.
+#[tokio::test]
+async fn lazy_refcounts_image_killed_while_dirty() {
+    skip_without_qemu!();
+    for opts in ["lazy_refcounts=on", "lazy_refcounts=on,cluster_size=512"] {
+        let dir = temp_dir();
+        let d = dir.path();
+        create_qcow2(d, "img.qcow2", "64M", opts, None);
+        let mut args = vec!["-f", "qcow2"];
+        for c in WRITES.iter().chain(&["write -P 9 8M 300k", "abort"]) {
+            args.extend(["-c", c]);
+        }
+        args.push("img.qcow2");
+        let out = run(d, "qemu-io", &args);
+        assert!(!out.status.success());
+        let path = d.join("img.qcow2");
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes[79] & 1, 1, "not dirty");
+        std::fs::write(d.join("q.qcow2"), &bytes).unwrap();
+        let (code, j, stderr) = qemu_check(d, "img.qcow2", None);
+        assert_ne!(code, 0, "the kill left nothing to find: {j}");
+        let r = ours(&path, Repair::None).await;
+        assert_same(opts, &r, code, &j, &stderr);
+        let fixed = ours(&path, Repair::All).await;
+        let (qc, qj, _) = qemu_check(d, "q.qcow2", Some("all"));
+        assert_eq!(
+            (
+                fixed.exit_code(),
+                fixed.corruptions_fixed,
+                fixed.leaks_fixed
+            ),
+            (
+                qc,
+                field(&qj, "corruptions-fixed"),
+                field(&qj, "leaks-fixed")
+            ),
+            "{opts}: {qj} {fixed:?}"
+        );
+        let (code, j, _) = qemu_check(d, "img.qcow2", None);
+        assert_eq!(code, 0, "{opts}: {j}");
+        assert_eq!(
+            std::fs::read(&path).unwrap()[79] & 1,
+            0,
+            "{opts}: still dirty"
+        );
+        assert_eq!(
+            qcow2_testkit::qemu_img_raw(d, "img.qcow2", None),
+            qcow2_testkit::qemu_img_raw(d, "q.qcow2", None),
+            "{opts}: guest data differs from qemu-img's repair"
+        );
     }
 }

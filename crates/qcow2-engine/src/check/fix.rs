@@ -19,6 +19,15 @@ use super::{Pass, Repair};
 use crate::qcow2::overlap::MetaKind;
 use crate::qcow2::refcount::MAX_HOST_END;
 
+/// C's `%#x`: `0x` and hex digits, but plain `0` for zero.
+fn c_hex(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}
+
 /// Why a stored refcount could not be read.
 #[derive(Debug)]
 pub(super) struct Unreadable(pub(super) String);
@@ -37,6 +46,16 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
             return Ok(0);
         }
         if !self.geom.is_cluster_aligned(off) {
+            if !self.signalled {
+                // QEMU's qcow2_signal_corruption, once per check.
+                self.signalled = true;
+                self.msgs.push(format!(
+                    "qcow2: Image is corrupt: Refblock offset {} unaligned (reftable index: {}); \
+                     further non-fatal corruption events will be suppressed",
+                    c_hex(off),
+                    c_hex(ti)
+                ));
+            }
             return Err(Unreadable("Input/output error".into()));
         }
         if !self.blocks.contains_key(&ti) {

@@ -111,6 +111,29 @@ pub(super) fn raw_type(entry: u64, extended_l2: bool, has_data_file: bool) -> Ra
     }
 }
 
+/// The repaired form of an entry with bits QEMU reports as corruption but does not repair: reserved
+/// bits of a standard descriptor, subclusters marked both allocated and zero (allocated wins),
+/// allocation bits of an unallocated entry, any bitmap of a compressed one. `None` when the entry is
+/// fine.
+fn fixed_entry(entry: u64, bitmap: u64, ext: bool, has_data_file: bool) -> Option<(u64, u64)> {
+    let (mut e, mut b) = (entry, bitmap);
+    match raw_type(entry, ext, has_data_file) {
+        RawType::Compressed => {
+            e &= !L2E_COPIED;
+            b = 0;
+        }
+        RawType::Normal | RawType::ZeroAlloc => {
+            e &= !L2E_STD_RESERVED_MASK;
+            b &= !((b & BITMAP_ALL_ALLOC) << 32);
+        }
+        RawType::Unallocated | RawType::ZeroPlain => {
+            e &= !L2E_STD_RESERVED_MASK;
+            b &= !BITMAP_ALL_ALLOC;
+        }
+    }
+    ((e, b) != (entry, bitmap)).then_some((e, b))
+}
+
 /// Big-endian u64 at `at` of `b` (0 where `b` is too short: tables are read whole, so this is only a
 /// guard).
 pub(super) fn be64(b: &[u8], at: usize) -> u64 {
@@ -303,9 +326,36 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
                 continue;
             }
             if e & L1E_RESERVED_MASK != 0 {
-                self.error(format!(
-                    "ERROR found L1 entry with reserved bits set: {e:x}"
+                let at = l1_off + i as u64 * 8;
+                let own = Some((
+                    if active {
+                        MetaKind::ActiveL1
+                    } else {
+                        MetaKind::InactiveL1
+                    },
+                    l1_off,
                 ));
+                let clean = e & !L1E_RESERVED_MASK;
+                if fix
+                    && self
+                        .write(at, clean.to_be_bytes().to_vec(), own, "repair L1 entry")
+                        .await
+                {
+                    self.need_sync = true;
+                    self.fixed_corruption(format!(
+                        "Repairing L1 entry {i} of the L1 table at {l1_off:#x}: reserved bits cleared \
+                         ({e:#x} is now {clean:#x})"
+                    ));
+                    if active {
+                        if let Some(x) = self.l1.get_mut(i) {
+                            *x = clean;
+                        }
+                    }
+                } else {
+                    self.error(format!(
+                        "ERROR found L1 entry with reserved bits set: {e:x}"
+                    ));
+                }
             }
             let l2 = e & L1E_OFFSET_MASK;
             let past_eof =
@@ -373,15 +423,29 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
         let mut next_contiguous = 0u64;
         for i in 0..n {
             let at = (i * esize) as usize;
-            let entry = be64(&table, at);
-            let bitmap = if ext { be64(&table, at + 8) } else { 0 };
+            let mut entry = be64(&table, at);
+            let mut bitmap = if ext { be64(&table, at + 8) } else { 0 };
+            let entry_off = l2_off + i * esize;
+            if fix {
+                if let Some((e, b)) = fixed_entry(entry, bitmap, ext, self.has_data_file) {
+                    // Bits QEMU reports but leaves: cleared so that the entry means what its valid
+                    // bits say (reserved bits dropped; data wins over zero in a subcluster marked both;
+                    // no subcluster allocated in an unallocated or compressed entry).
+                    if self.rewrite_l2_entry(entry_off, l2_off, active, e, b).await {
+                        self.fixed_corruption(format!(
+                            "Repairing L2 entry at {entry_off:#x}: {entry:#x}/{bitmap:#x} has reserved \
+                             or contradictory bits; now {e:#x}/{b:#x}"
+                        ));
+                        (entry, bitmap) = (e, b);
+                    }
+                }
+            }
             let ty = raw_type(entry, ext, self.has_data_file);
             if ty != RawType::Compressed && entry & L2E_STD_RESERVED_MASK != 0 {
                 self.error(format!(
                     "ERROR found l2 entry with reserved bits set: {entry:x}"
                 ));
             }
-            let entry_off = l2_off + i * esize;
             match ty {
                 RawType::Compressed => {
                     if entry & L2E_COPIED != 0 {
@@ -510,7 +574,7 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
                 RawType::Unallocated => {
                     if bitmap & BITMAP_ALL_ALLOC != 0 {
                         self.error(
-                            "ERROR: Unallocated cluster has non-zero subcluster allocation bitmap"
+                            "ERROR: Unallocated cluster has non-zero subcluster allocation map"
                                 .into(),
                         );
                     }
@@ -523,6 +587,28 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
     /// Whether a reference to `[off, off + len)` would be refused as running past the end of the file.
     fn past_eof(&self, off: u64, len: u64) -> bool {
         u128::from(off) + u128::from(len) >= u128::from(self.file_len) + u128::from(self.cs())
+    }
+
+    /// Rewrites the L2 entry at `entry_off` (and its bitmap with extended L2), synced. Returns whether
+    /// it was written.
+    async fn rewrite_l2_entry(
+        &mut self,
+        entry_off: u64,
+        l2_off: u64,
+        active: bool,
+        entry: u64,
+        bitmap: u64,
+    ) -> bool {
+        let mut bytes = entry.to_be_bytes().to_vec();
+        if self.header.extended_l2() {
+            bytes.extend_from_slice(&bitmap.to_be_bytes());
+        }
+        let own = active.then_some((MetaKind::ActiveL2, l2_off));
+        if !self.write(entry_off, bytes, own, "repair L2 entry").await {
+            return false;
+        }
+        self.need_sync = true;
+        true
     }
 
     /// Drops the L2 entry at `entry_off` (the project's repair where QEMU has none): the entry (and an
