@@ -11,14 +11,14 @@
 //! `crash_after(n, CutMode::Any, ..)` at a seeded `n < m`: the crash image is the durable state plus a
 //! seeded subset (in order, reordered, or torn at 512-byte sectors) of the writes since the last fdatasync.
 //!
-//! Checked for EVERY cut:
+//! Checked for EVERY cut: (a), (c) and (d); for every 4th cut also (b):
 //! - (a) the crash image opens read-write with the engine (which rebuilds the refcounts of a dirty
 //!   lazy-refcounts image, as QEMU does) and closes cleanly;
-//! - (b) `qemu-img check` finds no corruption and no check error (leaks are allowed): on the crash image
-//!   as the cut left it, or, with lazy refcounts (whose on-disk refcounts may legitimately lag), on the
-//!   image after the engine's repairing open and close;
-//! - (c) our own check (`Image::check`) agrees: no corruption (TODO(check): runs only once the lead's
-//!   check lands on main; until then `Error::Unsupported` is counted and printed as "our check skipped");
+//! - (c) our own check (`Image::check`, through a read-only handle) finds no corruption and no check
+//!   error (leaks are allowed): on the crash image as the cut left it, or, with lazy refcounts (whose
+//!   on-disk refcounts may legitimately lag), on the image after the engine's repairing open and close;
+//! - (b) (every 4th cut, `CRASH_QEMU_EVERY`) `qemu-img check` of the same bytes finds no corruption
+//!   and no check error, and reports the same leak and corruption counts as our check;
 //! - (d) no lost flushed write: every 512-byte sector of the workload's range reads (through the engine,
 //!   after the repairing open) as a value the model allows: the value guaranteed by the latest flush (or
 //!   close) that completed before the cut, or the value of a write that had not completed when that flush
@@ -29,7 +29,7 @@
 //! Knobs: `CRASH_SEED=config:seed:cut` runs one cut (printed with every failure; `CRASH_DUMP=DIR` also
 //! writes its crash image there), `CRASH_CONFIG=name` runs one configuration, `CRASH_SCALE=N` multiplies
 //! the number of workload seeds per configuration, `CRASH_QEMU_EVERY=N` runs qemu-img check on every
-//! N-th cut once our own check covers every cut (default 4).
+//! N-th cut (default 4; our own check covers every cut).
 
 mod common_fault;
 
@@ -41,7 +41,7 @@ use common_fault::{
     decode, pattern, qemu_check_bytes, qemu_create, read_range, ro, runtime, rw, Rng, Val,
     BACKING_ID, SECTOR,
 };
-use qcow2_engine::{Error, Image, Repair};
+use qcow2_engine::{Image, OpenOptions, Repair};
 use qcow2_io::{CutMode, FaultBackend};
 use qcow2_testkit::{qemu_io, skip_without_qemu, temp_dir, TempDir};
 
@@ -529,7 +529,6 @@ struct Stats {
     cuts: u64,
     qemu_checks: u64,
     our_checks: u64,
-    our_checks_skipped: u64,
     leaky: u64,
     tables_grown: u64,
     /// Cuts whose run diverged from the uncut one before the crash point (cut after the close instead).
@@ -628,35 +627,45 @@ async fn one_cut(
         .await
         .map_err(|e| format!("open after the crash: {e}"))?;
     verify_data(cfg, &img, &allowed).await?;
-    // (c) our check, on the image as opened.
-    let mut ours = false;
-    match img.check(Repair::None).await {
-        Ok(r) => {
-            stats.our_checks += 1;
-            ours = true;
-            if r.corruptions != 0 || r.check_errors != 0 {
-                return Err(format!("our check: {r:?}"));
-            }
-        }
-        // TODO(check): remove this arm once Image::check lands on main (it is a stub until then).
-        Err(Error::Unsupported { .. }) => stats.our_checks_skipped += 1,
-        Err(e) => return Err(format!("our check: {e}")),
-    }
     img.close()
         .await
         .map_err(|e| format!("close after the crash: {e}"))?;
 
-    // (b) qemu-img check: of the crash image itself, or after the repair for lazy refcounts.
-    // Every cut while our check is unavailable, else the sample `qemu` selects.
+    // The image both checks look at: the crash image itself, or, with lazy refcounts (whose on-disk
+    // refcounts may lag by design), the image after the engine's repairing open and close.
     let checked = if cfg.lazy { after.contents() } else { image };
-    if qemu || !ours {
+
+    // (c) our check, on every cut, through a read-only handle (so it sees the bytes as they are).
+    let opts = OpenOptions {
+        follow_backing: false,
+        ..ro()
+    };
+    let ours = Image::open_backend(FaultBackend::new(checked.clone()), "img.qcow2", &opts)
+        .await
+        .map_err(|e| format!("read-only open for our check: {e}"))?
+        .check(Repair::None)
+        .await
+        .map_err(|e| format!("our check: {e}"))?;
+    stats.our_checks += 1;
+    if ours.corruptions != 0 || ours.check_errors != 0 {
+        return Err(format!("our check: {ours:?}"));
+    }
+
+    // (b) qemu-img check, on the sampled cuts; its counts must agree with ours.
+    if qemu {
         let c = qemu_check_bytes(prep.dir.path(), "cut.qcow2", &checked);
         stats.qemu_checks += 1;
         if !c.consistent() {
             return Err(format!("qemu-img check: {}", c.text));
         }
-        stats.leaky += u64::from(c.leaks > 0);
+        if c.leaks != ours.leaks || c.corruptions != ours.corruptions {
+            return Err(format!(
+                "our check (leaks {}, corruptions {}) disagrees with qemu-img check: {}",
+                ours.leaks, ours.corruptions, c.text
+            ));
+        }
     }
+    stats.leaky += u64::from(ours.leaks > 0);
     if refcount_table_clusters(&checked) > prep.refcount_table_clusters {
         stats.tables_grown += 1;
     }
@@ -683,8 +692,7 @@ fn run_config(
     // replays a schedule seed exactly.
     let prep = runtime().block_on(prepare(cfg));
     let mut failures = Vec::new();
-    // qemu-img check runs on every cut until our check is available; then on every
-    // CRASH_QEMU_EVERY-th cut (default 4; 1 = all), our check covering every cut.
+    // Our check covers every cut; qemu-img check every CRASH_QEMU_EVERY-th (default 4; 1 = all).
     let qemu_every: u64 = std::env::var("CRASH_QEMU_EVERY")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -810,19 +818,17 @@ fn crash_consistency() {
         total.cuts += s.cuts;
         total.qemu_checks += s.qemu_checks;
         total.our_checks += s.our_checks;
-        total.our_checks_skipped += s.our_checks_skipped;
         total.known_l2 += s.known_l2;
         total.diverged += s.diverged;
         failures.extend(f);
     }
     println!(
-        "crash: {} simulated power cuts, {} corruptions or lost flushed writes; qemu-img check on {} \
-         cuts, our check on {} (skipped on {}: Image::check not available yet); {:.1} s",
+        "crash: {} simulated power cuts, {} corruptions or lost flushed writes; our check on {} cuts, \
+         qemu-img check (agreeing with ours) on {}; {:.1} s",
         total.cuts,
         failures.len(),
-        total.qemu_checks,
         total.our_checks,
-        total.our_checks_skipped,
+        total.qemu_checks,
         started.elapsed().as_secs_f64()
     );
     if total.diverged > 0 {
