@@ -180,3 +180,33 @@ pub async fn read_range(
     }
     Ok(out)
 }
+
+/// Our check (`Image::check` through a read-only handle on `bytes`, backing file not opened) and
+/// `qemu-img check` of the same bytes: both must find no corruption and no check error, and agree on
+/// the leak and corruption counts. Returns the leak count.
+pub async fn check_both(dir: &Path, name: &str, bytes: &[u8]) -> Result<u64, String> {
+    let opts = OpenOptions {
+        follow_backing: false,
+        ..ro()
+    };
+    let ours = Image::open_backend(FaultBackend::new(bytes.to_vec()), name, &opts)
+        .await
+        .map_err(|e| format!("read-only open for our check: {e}"))?
+        .check(qcow2_engine::Repair::None)
+        .await
+        .map_err(|e| format!("our check: {e}"))?;
+    if ours.corruptions != 0 || ours.check_errors != 0 {
+        return Err(format!("our check: {ours:?}"));
+    }
+    let c = qemu_check_bytes(dir, name, bytes);
+    if !c.consistent() {
+        return Err(format!("qemu-img check: {}", c.text));
+    }
+    if c.leaks != ours.leaks || c.corruptions != ours.corruptions {
+        return Err(format!(
+            "our check (leaks {}, corruptions {}) disagrees with qemu-img check: {}",
+            ours.leaks, ours.corruptions, c.text
+        ));
+    }
+    Ok(ours.leaks)
+}
