@@ -98,7 +98,17 @@ fn workload(cfg: &Config, seed: u64) -> Vec<Req> {
                 n,
                 unmap: rng.below(2) == 1,
             },
-            13 | 14 => Req::Discard { sector, n },
+            13 | 14 => {
+                // Whole clusters where the workload writes, so that clusters are freed (and punched by
+                // a later flush).
+                let per = cfg.cluster / SECTOR;
+                let clusters = 1 + rng.below(2);
+                let c = rng.below(work / per - clusters);
+                Req::Discard {
+                    sector: c * per,
+                    n: clusters * per,
+                }
+            }
             15 | 16 => Req::Read { sector, n },
             _ => Req::Flush,
         });
