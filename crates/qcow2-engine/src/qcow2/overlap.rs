@@ -239,7 +239,9 @@ mod tests {
         m.insert(0, 0x200, MetaKind::ActiveL1);
         let r = m.check(0, 8, Some((MetaKind::ActiveL1, 0)));
         assert_eq!(r.err().map(|h| h.kind), Some(MetaKind::Header));
-        assert_eq!(m.check(48, 12, Some((MetaKind::Header, 0))), Ok(()));
+        // And a header write is refused too: it would land on the L1 table.
+        let r = m.check(48, 12, Some((MetaKind::Header, 0)));
+        assert_eq!(r.err().map(|h| h.kind), Some(MetaKind::ActiveL1));
     }
 
     #[test]
