@@ -1,0 +1,483 @@
+//! Kill tests: a `qcow2 io` writer with many concurrent `aio_write`s is SIGKILLed at seeded random
+//! moments; after each kill `qemu-img check` must find no corruption (leaks are allowed) and every write
+//! flushed before the kill must read back.
+//!
+//! The writer reads its script from standard input: rounds of 8 non-overlapping `aio_write`s with
+//! distinct patterns, `aio_flush`, `flush`, and a marker `read <round*512> 512` whose output line ("read
+//! 512/512 bytes at offset N") tells the test that the round's flush completed (commands run in order,
+//! and `qcow2 io` flushes its standard output after every outcome). The test reads the writer's output
+//! line by line, and kills it after the k-th marker plus a random number of further output lines (both
+//! from the seed), so the kill lands at a point of the writer's progress, not after a fixed sleep.
+//!
+//! After the kill, a lazy-refcounts image (left dirty) is first opened read-write by `qcow2 io` (which
+//! rebuilds its refcounts, as QEMU does on a read-write open), then: `qemu-img check` must report no
+//! corruption and no check error; the guest contents (`qemu-img convert -O raw`, and ours, which must be
+//! identical) must have, in every 512-byte sector, either the value it had after the last completed flush
+//! or the pattern of a later write covering it. The contents read become the starting point of the next
+//! run of the writer on the same image, so later runs start from the state a kill left.
+//!
+//! Configurations: cluster sizes 512 B, 64 KiB and 2 MiB, extended L2, 1-bit refcounts, lazy refcounts.
+//! `QCOW2_KILL_SEED` replays a run (the seed is printed); `QCOW2_KILLS_PER_CONFIG` sets the number of kills
+//! per configuration (default 4: 24 kills in all).
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::images::{KIB, MIB};
+use common::Work;
+use serde_json::Value;
+
+/// A configuration.
+struct Config {
+    name: &'static str,
+    opts: &'static str,
+    cs: u64,
+    size: u64,
+    lazy: bool,
+}
+
+const CONFIGS: &[Config] = &[
+    Config {
+        name: "512",
+        opts: "cluster_size=512",
+        cs: 512,
+        size: 8 * MIB,
+        lazy: false,
+    },
+    Config {
+        name: "64k",
+        opts: "",
+        cs: 64 * KIB,
+        size: 64 * MIB,
+        lazy: false,
+    },
+    Config {
+        name: "2M",
+        opts: "cluster_size=2M",
+        cs: 2 * MIB,
+        size: 64 * MIB,
+        lazy: false,
+    },
+    Config {
+        name: "extended_l2",
+        opts: "extended_l2=on",
+        cs: 64 * KIB,
+        size: 32 * MIB,
+        lazy: false,
+    },
+    Config {
+        name: "refcount_bits=1",
+        opts: "refcount_bits=1",
+        cs: 64 * KIB,
+        size: 32 * MIB,
+        lazy: false,
+    },
+    Config {
+        name: "lazy_refcounts",
+        opts: "lazy_refcounts=on",
+        cs: 64 * KIB,
+        size: 32 * MIB,
+        lazy: true,
+    },
+];
+
+/// Writes per round.
+const WRITES_PER_ROUND: usize = 8;
+/// Rounds in a script (far more than a run reaches before its kill).
+const ROUNDS: u64 = 400;
+/// Time limit for one writer run (a hang is a failure).
+const WRITER_TIMEOUT: Duration = Duration::from_secs(120);
+const SECTOR: u64 = 512;
+
+/// splitmix64.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// One write of the script.
+#[derive(Debug, Clone, Copy)]
+struct Write1 {
+    round: u64,
+    offset: u64,
+    len: u64,
+    pattern: u8,
+}
+
+/// Makes the script: its text and its writes.
+fn script(rng: &mut Rng, c: &Config) -> (String, Vec<Write1>) {
+    let max_sectors = (3 * c.cs / SECTOR).clamp(16, 2048);
+    let mut text = String::new();
+    let mut writes = Vec::new();
+    let mut n = 0u64;
+    for round in 0..ROUNDS {
+        let mut this: Vec<(u64, u64)> = Vec::new();
+        while this.len() < WRITES_PER_ROUND {
+            let len = SECTOR * (1 + rng.below(max_sectors));
+            // Half the writes near the start (overwrites, partial clusters), half anywhere.
+            let span = if rng.below(2) == 0 {
+                c.size / 8
+            } else {
+                c.size
+            };
+            let offset = SECTOR * rng.below((span - len) / SECTOR);
+            if this
+                .iter()
+                .any(|&(o, l)| offset < o + l && o < offset + len)
+            {
+                continue;
+            }
+            this.push((offset, len));
+            let pattern = 1 + (n % 254) as u8;
+            n += 1;
+            text.push_str(&format!("aio_write -P {pattern} {offset} {len}\n"));
+            writes.push(Write1 {
+                round,
+                offset,
+                len,
+                pattern,
+            });
+        }
+        text.push_str("aio_flush\nflush\n");
+        text.push_str(&format!("read {} 512\n", round * SECTOR));
+    }
+    (text, writes)
+}
+
+/// What a writer run printed before and after its kill.
+struct RunResult {
+    /// Rounds whose flush completed (markers seen).
+    flushed_rounds: u64,
+    /// Output lines read.
+    lines: u64,
+    /// Lines that report a failed command.
+    failures: Vec<String>,
+    stderr: String,
+}
+
+/// Runs the writer on `img` with `script` on its standard input; kills it (SIGKILL) after marker
+/// `kill_after_round` plus `extra_lines` further lines.
+fn run_writer(
+    w: &Work,
+    img: &str,
+    script: &str,
+    kill_after_round: u64,
+    extra_lines: u64,
+) -> RunResult {
+    std::fs::write(w.p("script.txt"), script).expect("write script");
+    let stdin = std::fs::File::open(w.p("script.txt")).expect("open script");
+    let mut child = Command::new(common::qcow2_bin())
+        .args(["io", "-f", "qcow2", img])
+        .current_dir(w.path())
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("RUST_BACKTRACE", "0")
+        .spawn()
+        .expect("start qcow2 io");
+    let pid = child.id();
+    // Watchdog: a hung writer is killed (and the test fails on the missing markers).
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(WRITER_TIMEOUT).is_err() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            true
+        } else {
+            false
+        }
+    });
+    let mut stderr = child.stderr.take().expect("stderr piped");
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let mut out = BufReader::new(child.stdout.take().expect("stdout piped"));
+    let mut flushed_rounds = 0u64;
+    let mut lines = 0u64;
+    let mut after_marker: Option<u64> = None;
+    let mut killed = false;
+    let mut failures = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match out.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        lines += 1;
+        if line.contains("failed") || line.contains("error") {
+            failures.push(line.trim().to_string());
+        }
+        if let Some(i) = line.find("read 512/512 bytes at offset ") {
+            let rest = &line[i + "read 512/512 bytes at offset ".len()..];
+            if let Ok(off) = rest.trim().parse::<u64>() {
+                flushed_rounds = flushed_rounds.max(off / SECTOR + 1);
+            }
+        }
+        if !killed {
+            if after_marker.is_none() && flushed_rounds > kill_after_round {
+                after_marker = Some(0);
+            } else if let Some(n) = after_marker.as_mut() {
+                *n += 1;
+            }
+            if after_marker.is_some_and(|n| n >= extra_lines) {
+                let _ = child.kill();
+                killed = true;
+            }
+        }
+    }
+    let _ = child.wait();
+    let _ = done_tx.send(());
+    let timed_out = watchdog.join().unwrap_or(true);
+    let stderr = err_thread.join().unwrap_or_default();
+    assert!(
+        !timed_out,
+        "the writer hung ({lines} lines, {flushed_rounds} rounds flushed): {stderr}"
+    );
+    assert!(
+        killed,
+        "the writer ended before its kill (after {lines} lines, {flushed_rounds} rounds): {stderr}"
+    );
+    RunResult {
+        flushed_rounds,
+        lines,
+        failures,
+        stderr,
+    }
+}
+
+/// The guest contents of `img`: qemu-img's and ours must be identical.
+fn read_contents(w: &Work, img: &str) -> Result<Vec<u8>, String> {
+    let _ = std::fs::remove_file(w.p("q.raw"));
+    let _ = std::fs::remove_file(w.p("o.raw"));
+    let q = w.qemu_img_try(
+        &["convert", "-U", "-f", "qcow2", "-O", "raw", img, "q.raw"],
+        common::ORACLE_TIMEOUT,
+    );
+    if !q.success() {
+        return Err(format!("qemu-img convert: {}", q.describe()));
+    }
+    let o = w.qcow2_try(
+        &["convert", "-f", "qcow2", "-O", "raw", img, "o.raw"],
+        &[],
+        common::ORACLE_TIMEOUT,
+    );
+    if !o.success() {
+        return Err(format!("qcow2 convert: {}", o.describe()));
+    }
+    common::diff_files(
+        &w.p("q.raw"),
+        &w.p("o.raw"),
+        "qemu-img convert",
+        "qcow2 convert",
+    )?;
+    Ok(w.read_file("q.raw"))
+}
+
+/// Checks `data` against the model: per sector, the value after the last flushed round, or the pattern
+/// of a later write.
+fn verify(base: &[u8], writes: &[Write1], flushed_rounds: u64, data: &[u8]) -> Result<(), String> {
+    // Sector values after the flushed rounds (rounds apply in order; a round's writes do not overlap).
+    let mut expected: Vec<u8> = base.to_vec();
+    let mut later: HashMap<u64, Vec<u8>> = HashMap::new();
+    for wr in writes {
+        for s in wr.offset / SECTOR..(wr.offset + wr.len) / SECTOR {
+            if wr.round < flushed_rounds {
+                expected[s as usize] = wr.pattern;
+            } else {
+                later.entry(s).or_default().push(wr.pattern);
+            }
+        }
+    }
+    let mut bad = Vec::new();
+    for (s, chunk) in data.chunks(SECTOR as usize).enumerate() {
+        let b = chunk[0];
+        let uniform = chunk.iter().all(|&x| x == b);
+        let allowed = b == expected[s] || later.get(&(s as u64)).is_some_and(|v| v.contains(&b));
+        if !uniform || !allowed {
+            bad.push(format!(
+                "sector {s} (offset {}): {} {b:#x}, expected {:#x} or one of {:?}",
+                s as u64 * SECTOR,
+                if uniform {
+                    "reads"
+                } else {
+                    "is torn, starts with"
+                },
+                expected[s],
+                later.get(&(s as u64)).cloned().unwrap_or_default()
+            ));
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        let n = bad.len();
+        bad.truncate(10);
+        Err(format!(
+            "{n} sectors lost flushed data:\n  {}",
+            bad.join("\n  ")
+        ))
+    }
+}
+
+/// Runs the kills of one configuration; returns (kills, corruptions found, failures).
+fn run_config(c: &Config, seed: u64, kills: u64) -> (u64, u64, Vec<String>) {
+    let w = Work::new();
+    let img = "k.qcow2";
+    common::images::create(&w, img, c.opts, c.size);
+    let mut rng = Rng(seed);
+    // Per-sector values of the image (uniform sectors, as every write writes a pattern).
+    let mut base = vec![0u8; (c.size / SECTOR) as usize];
+    let mut failures = Vec::new();
+    let mut corruptions = 0;
+    let mut done = 0;
+    for k in 0..kills {
+        let (text, writes) = script(&mut rng, c);
+        let kill_after_round = rng.below(6);
+        let extra_lines = rng.below(40);
+        let r = run_writer(&w, img, &text, kill_after_round, extra_lines);
+        done += 1;
+        let what = format!(
+            "{} kill {k} (seed {seed}, after round {kill_after_round} + {extra_lines} lines: {} lines read, {} rounds flushed)",
+            c.name, r.lines, r.flushed_rounds
+        );
+        if !r.failures.is_empty() {
+            failures.push(format!(
+                "{what}: the writer reported failures: {:?}\n{}",
+                r.failures, r.stderr
+            ));
+        }
+        if c.lazy {
+            // A read-write open repairs the dirty image (as QEMU's does).
+            let o = w.qcow2_try(
+                &["io", "-f", "qcow2", "-c", "flush", img],
+                &[],
+                common::ORACLE_TIMEOUT,
+            );
+            if !o.success() {
+                failures.push(format!(
+                    "{what}: read-write open after the kill failed: {}",
+                    o.describe()
+                ));
+                break;
+            }
+        }
+        let chk = w.qemu_img_try(&["check", "--output=json", img], common::ORACLE_TIMEOUT);
+        let v: Value = serde_json::from_slice(&chk.stdout).unwrap_or(Value::Null);
+        let n = |key: &str| v.get(key).and_then(Value::as_u64).unwrap_or(0);
+        let code = chk.status.and_then(|s| s.code()).unwrap_or(-1);
+        if v.is_null() || n("corruptions") > 0 || n("check-errors") > 0 || !(code == 0 || code == 3)
+        {
+            corruptions += 1;
+            failures.push(format!(
+                "{what}: qemu-img check finds corruption: {}",
+                chk.describe()
+            ));
+            break;
+        }
+        let data = match read_contents(&w, img) {
+            Ok(d) => d,
+            Err(e) => {
+                failures.push(format!("{what}: {e}"));
+                break;
+            }
+        };
+        if let Err(e) = verify(&base, &writes, r.flushed_rounds, &data) {
+            failures.push(format!("{what}: {e}"));
+            break;
+        }
+        println!(
+            "{what}: qemu-img check exit {code}, {} leaks; flushed data intact",
+            n("leaks")
+        );
+        base = data.chunks(SECTOR as usize).map(|s| s[0]).collect();
+    }
+    (done, corruptions, failures)
+}
+
+#[test]
+fn kill_writer_at_random_moments() {
+    let seed = std::env::var("QCOW2_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    let per_config = std::env::var("QCOW2_KILLS_PER_CONFIG")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4u64);
+    println!("kill: seed {seed} (QCOW2_KILL_SEED={seed} replays the choices)");
+    let _ = std::io::stdout().flush();
+    let mut kills = 0;
+    let mut corruptions = 0;
+    let mut failures = Vec::new();
+    for (i, c) in CONFIGS.iter().enumerate() {
+        let (k, cor, f) = run_config(c, seed.wrapping_add(i as u64 * 0x1000_0001), per_config);
+        kills += k;
+        corruptions += cor;
+        failures.extend(f);
+    }
+    println!("kill: {kills} kills, {corruptions} corruptions");
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    assert!(kills >= 20 || per_config < 4, "only {kills} kills");
+}
+
+/// The model check itself: a lost flushed write, a torn sector and a value no write produced are
+/// caught; an unflushed write may or may not be there.
+#[test]
+fn verify_catches_lost_flushed_writes() {
+    let base = vec![0u8; 16];
+    let writes = [
+        Write1 {
+            round: 0,
+            offset: 0,
+            len: 1024,
+            pattern: 5,
+        },
+        Write1 {
+            round: 1,
+            offset: 512,
+            len: 1024,
+            pattern: 6,
+        },
+    ];
+    let mut data = vec![0u8; 16 * 512];
+    data[..1024].fill(5);
+    // Round 1 not flushed: absent, or present.
+    assert!(verify(&base, &writes, 1, &data).is_ok());
+    data[512..1536].fill(6);
+    assert!(verify(&base, &writes, 1, &data).is_ok());
+    assert!(verify(&base, &writes, 2, &data).is_ok());
+    // Round 0 lost although flushed.
+    data[..512].fill(0);
+    assert!(verify(&base, &writes, 1, &data).is_err());
+    data[..512].fill(5);
+    // A torn sector.
+    data[1024 + 100] = 0;
+    assert!(verify(&base, &writes, 1, &data).is_err());
+    data[1024 + 100] = 6;
+    // A value nobody wrote.
+    data[4096..4608].fill(9);
+    assert!(verify(&base, &writes, 1, &data).is_err());
+}
