@@ -270,7 +270,7 @@ fn damage(w: &Work, d: Damage, name: &str) -> Option<String> {
         }
         Damage::PastEof => {
             let off = l.l2_entry_offset(VICTIM);
-            let e = COPIED | (file_len.div_ceil(l.cs) + 1000) * l.cs;
+            let e = COPIED | ((file_len.div_ceil(l.cs) + 1000) * l.cs);
             common::put_be64(&path, off, e);
             format!("L2 entry of guest cluster {VICTIM} at {off:#x} set to {e:#x} (past the end, file {file_len} bytes)")
         }
