@@ -9,7 +9,8 @@
 //! - standard output (nothing with `-q`): after a repair that fixed anything, "The following
 //!   inconsistencies were found and repaired: ..." and "Double checking the fixed image now...", then
 //!   the human summary or the JSON object;
-//! - exit code: 1 when the check could not complete (with `Check failed` on stderr), else 2 with
+//! - exit code: 1 when the check could not complete (with `Check failed` on stderr, and nothing on
+//!   standard output when it stopped early: [`CheckReport::failed`]), else 2 with
 //!   corruptions, else 3 with leaks, else 0; after a repair the code reflects the re-check. A raw image has
 //!   nothing to check: "This image format does not support checks", exit code 63.
 //!
@@ -149,6 +150,13 @@ pub fn print_report(report: &CheckReport, output: Output, quiet: bool) -> i32 {
             let _ = out.flush();
         }
     };
+    if let Some(reason) = &report.failed {
+        // The check could not complete: qemu-img prints the problem lines and the reason only.
+        stderr_lines(&report.repair_messages);
+        stderr_lines(&report.messages);
+        eprintln!("qcow2: Check failed: {reason}");
+        return report.exit_code();
+    }
     if report.repaired() {
         stderr_lines(&report.repair_messages);
         if output == Output::Human {
