@@ -11,12 +11,14 @@
 //!
 //! After the kill, a lazy-refcounts image (left dirty) is first opened read-write by `qcow2 io` (which
 //! rebuilds its refcounts, as QEMU does on a read-write open), then: `qemu-img check` must report no
-//! corruption and no check error; the guest contents (`qemu-img convert -O raw`, and ours, which must be
+//! corruption and no check error, and `qcow2 check` must report the same counts and exit code; the guest
+//! contents (`qemu-img convert -O raw`, and ours, which must be
 //! identical) must have, in every 512-byte sector, either the value it had after the last completed flush
 //! or the pattern of a later write covering it. The contents read become the starting point of the next
 //! run of the writer on the same image, so later runs start from the state a kill left.
 //!
-//! Configurations: cluster sizes 512 B, 64 KiB and 2 MiB, extended L2, 1-bit refcounts, lazy refcounts.
+//! Configurations: cluster sizes 512 B, 64 KiB and 2 MiB, extended L2, 1-bit refcounts, lazy refcounts;
+//! each run of the writer uses the threads (std file) or the io_uring backend, from the seed.
 //! `QCOW2_KILL_SEED` replays a run (the seed is printed); `QCOW2_KILLS_PER_CONFIG` sets the number of kills
 //! per configuration (default 4: 24 kills in all).
 
@@ -176,6 +178,7 @@ struct RunResult {
 fn run_writer(
     w: &Work,
     img: &str,
+    aio: &str,
     script: &str,
     kill_after_round: u64,
     extra_lines: u64,
@@ -183,7 +186,7 @@ fn run_writer(
     std::fs::write(w.p("script.txt"), script).expect("write script");
     let stdin = std::fs::File::open(w.p("script.txt")).expect("open script");
     let mut child = Command::new(common::qcow2_bin())
-        .args(["io", "-f", "qcow2", img])
+        .args(["io", "-i", aio, "-f", "qcow2", img])
         .current_dir(w.path())
         .stdin(Stdio::from(stdin))
         .stdout(Stdio::piped())
@@ -352,10 +355,15 @@ fn run_config(c: &Config, seed: u64, kills: u64) -> (u64, u64, Vec<String>) {
         let (text, writes) = script(&mut rng, c);
         let kill_after_round = rng.below(6);
         let extra_lines = rng.below(40);
-        let r = run_writer(&w, img, &text, kill_after_round, extra_lines);
+        let aio = if rng.below(2) == 0 {
+            "threads"
+        } else {
+            "io_uring"
+        };
+        let r = run_writer(&w, img, aio, &text, kill_after_round, extra_lines);
         done += 1;
         let what = format!(
-            "{} kill {k} (seed {seed}, after round {kill_after_round} + {extra_lines} lines: {} lines read, {} rounds flushed)",
+            "{} kill {k} (seed {seed}, -i {aio}, after round {kill_after_round} + {extra_lines} lines: {} lines read, {} rounds flushed)",
             c.name, r.lines, r.flushed_rounds
         );
         if !r.failures.is_empty() {
@@ -391,6 +399,26 @@ fn run_config(c: &Config, seed: u64, kills: u64) -> (u64, u64, Vec<String>) {
                 chk.describe()
             ));
             break;
+        }
+        // Our check agrees with qemu-img's.
+        let ours = w.qcow2_try(
+            &["check", "--output=json", img],
+            &[],
+            common::ORACLE_TIMEOUT,
+        );
+        let ov: Value = serde_json::from_slice(&ours.stdout).unwrap_or(Value::Null);
+        let on = |key: &str| ov.get(key).and_then(Value::as_u64).unwrap_or(0);
+        let ocode = ours.status.and_then(|s| s.code()).unwrap_or(-1);
+        if ov.is_null()
+            || ocode != code
+            || on("corruptions") != n("corruptions")
+            || on("leaks") != n("leaks")
+        {
+            failures.push(format!(
+                "{what}: qcow2 check disagrees with qemu-img check:\n{}\n{}",
+                chk.describe(),
+                ours.describe()
+            ));
         }
         let data = match read_contents(&w, img) {
             Ok(d) => d,
