@@ -1,8 +1,10 @@
 //! `qcow2 check` against `qemu-img check`, byte for byte: standard output (human and JSON), the lines on
 //! standard error (with `qemu-img: ` read as `qcow2: `) and the exit code, on images made by qemu-img and
 //! qemu-io (plain, empty, compressed, extended L2, internal snapshots, 512-byte clusters with 1-bit
-//! refcounts, version 2, an overlay), on two small damages (to check the problem lines and the repair
-//! banner), and on the command-line errors.
+//! refcounts, version 2, an overlay), on small damages (refcount 2, a dropped L2 entry, COPIED cleared,
+//! the corrupt bit, a doubly referenced cluster, an unaligned entry; refcount 0 and a dirty lazy-refcounts
+//! image, which need a rebuild), to check the problem lines and the repair banner, and on the
+//! command-line errors.
 
 mod common;
 mod common_check;
@@ -213,9 +215,38 @@ fn check_damaged_images_match_qemu_img() {
     let e = common::get_be64(&w.p("a.qcow2"), l.l2_entry_offset(0));
     common::put_be64(&w.p("copied.qcow2"), l.l2_entry_offset(0), e & !COPIED);
 
+    // The corrupt bit set (with a cleared COPIED flag).
+    copy(&w, "copied.qcow2", "corrupt.qcow2");
+    let incompat = common::get_be64(&w.p("corrupt.qcow2"), 72);
+    common::put_be64(&w.p("corrupt.qcow2"), 72, incompat | 2);
+    // Two L2 entries pointing at one cluster.
+    copy(&w, "a.qcow2", "double.qcow2");
+    common::put_be64(&w.p("double.qcow2"), l.l2_entry_offset(2), e);
+    // An unaligned L2 entry (qemu-img cannot repair it; only the reports are compared).
+    copy(&w, "a.qcow2", "unaligned.qcow2");
+    common::put_be64(
+        &w.p("unaligned.qcow2"),
+        l.l2_entry_offset(1),
+        (data(1) + l.cs / 2) | COPIED,
+    );
+
     let mut failures = Vec::new();
     let mut compared = 0;
-    for image in ["rc2.qcow2", "leak.qcow2", "copied.qcow2"] {
+    for image in ["unaligned.qcow2"] {
+        for v in [&[][..], &["--output=json"], &["-q"]] {
+            compared += 1;
+            if let Err(e) = compare(&w, image, v) {
+                failures.push(e);
+            }
+        }
+    }
+    for image in [
+        "rc2.qcow2",
+        "leak.qcow2",
+        "copied.qcow2",
+        "corrupt.qcow2",
+        "double.qcow2",
+    ] {
         compare_all(&w, image, &mut failures, &mut compared);
         for v in [&["-r", "all"][..], &["-r", "leaks", "--output=json"]] {
             compared += 1;
@@ -291,7 +322,8 @@ fn check_errors_match_qemu_img() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
-/// A refcount of 0 on a used cluster: `-r leaks` cannot complete ("ERROR need to rebuild refcount
+/// A refcount of 0 on a used cluster, and a lazy-refcounts image killed while dirty: `-r leaks` cannot
+/// complete ("ERROR need to rebuild refcount
 /// structures", `Check failed: Input/output error`), `-r all` rebuilds the refcount structure.
 #[test]
 #[ignore = "see requests-cli.md: Check failed reason, Repairing lines after a rebuild"]
@@ -307,13 +339,27 @@ fn check_rebuild_matches_qemu_img() {
     let host = common::get_be64(&w.p("a.qcow2"), l.l2_entry_offset(1)) & common_check::OFFSET_MASK;
     copy(&w, "a.qcow2", "rc0.qcow2");
     l.set_refcount(&w.p("rc0.qcow2"), host / l.cs, 0);
+    // And a lazy-refcounts image killed while dirty.
+    images::create(&w, "lazy.qcow2", "lazy_refcounts=on", 10 * MIB);
+    let o = w.qemu_io_try(
+        &["-f", "qcow2"],
+        "lazy.qcow2",
+        &["write -P 1 0 200k", "write -P 2 1M 64k", "sigraise 9"],
+    );
+    assert!(
+        o.status.is_some_and(|s| s.code().is_none()),
+        "{}",
+        o.describe()
+    );
     let mut failures = Vec::new();
     let mut compared = 0;
-    compare_all(&w, "rc0.qcow2", &mut failures, &mut compared);
-    for v in [&["-r", "all"][..], &["-r", "leaks", "--output=json"]] {
-        compared += 1;
-        if let Err(e) = compare(&w, "rc0.qcow2", v) {
-            failures.push(e);
+    for image in ["rc0.qcow2", "lazy.qcow2"] {
+        compare_all(&w, image, &mut failures, &mut compared);
+        for v in [&["-r", "all"][..], &["-r", "leaks", "--output=json"]] {
+            compared += 1;
+            if let Err(e) = compare(&w, image, v) {
+                failures.push(e);
+            }
         }
     }
     println!(
