@@ -2,7 +2,8 @@
 //! bytes (tables found by parsing the header, L1 and refcount table here), then checked by both tools.
 //!
 //! For each damage and image variant (64 KiB clusters, 512-byte clusters, extended L2, 1-bit
-//! refcounts, an overlay over a backing file where the damage concerns a guest cluster):
+//! refcounts, an internal snapshot sharing most clusters, an overlay over a backing file where the damage
+//! concerns a guest cluster):
 //! - `qcow2 check --output=json` reports the same `corruptions`, `leaks` and `check-errors` counts and
 //!   the same exit code as `qemu-img check --output=json` (each on its own copy);
 //! - `qcow2 check -r all` repairs our copy, after which `qemu-img check` finds it clean (exit code 0);
@@ -31,6 +32,9 @@ struct Variant {
     cs: u64,
     /// Over a backing file filled with [`BACKING_PATTERN`].
     backing: bool,
+    /// With an internal snapshot taken after the first writes, and guest cluster 0 rewritten after it
+    /// (so that it has a cluster of its own while the others are shared with the snapshot).
+    snapshot: bool,
 }
 
 const VARIANTS: &[Variant] = &[
@@ -39,30 +43,42 @@ const VARIANTS: &[Variant] = &[
         opts: "",
         cs: 64 * KIB,
         backing: false,
+        snapshot: false,
     },
     Variant {
         name: "512",
         opts: "cluster_size=512",
         cs: 512,
         backing: false,
+        snapshot: false,
     },
     Variant {
         name: "extended_l2",
         opts: "extended_l2=on",
         cs: 64 * KIB,
         backing: false,
+        snapshot: false,
     },
     Variant {
         name: "refcount_bits=1",
         opts: "refcount_bits=1",
         cs: 64 * KIB,
         backing: false,
+        snapshot: false,
     },
     Variant {
         name: "overlay",
         opts: "",
         cs: 64 * KIB,
         backing: true,
+        snapshot: false,
+    },
+    Variant {
+        name: "snapshot",
+        opts: "",
+        cs: 64 * KIB,
+        backing: false,
+        snapshot: true,
     },
 ];
 
@@ -118,8 +134,20 @@ const DAMAGES: &[Damage] = &[
 /// The guest cluster the damages concern (written by the recipe).
 const VICTIM: u64 = 1;
 
-/// Guest clusters written by the recipe, with their patterns.
-fn written(cs: u64) -> Vec<(u64, u8)> {
+/// The pattern guest cluster 0 is rewritten with after the snapshot.
+const AFTER_SNAPSHOT_PATTERN: u8 = 0x40;
+
+/// Guest clusters and their patterns after the recipe.
+fn written(v: &Variant) -> Vec<(u64, u8)> {
+    let mut w = first_writes(v.cs);
+    if v.snapshot {
+        w[0].1 = AFTER_SNAPSHOT_PATTERN;
+    }
+    w
+}
+
+/// Guest clusters written by the recipe (before any snapshot), with their patterns.
+fn first_writes(cs: u64) -> Vec<(u64, u8)> {
     let mut v: Vec<(u64, u8)> = (0..5).map(|i| (i, 0x10 + i as u8)).collect();
     v.push((6, 0x16));
     // Another L2 table where the image has more than one.
@@ -150,7 +178,7 @@ fn make_image(w: &Work, v: &Variant, name: &str, lazy: bool) {
     } else {
         common::images::create(w, name, &opts, SIZE);
     }
-    let mut cmds: Vec<String> = written(v.cs)
+    let mut cmds: Vec<String> = first_writes(v.cs)
         .iter()
         .map(|(g, p)| format!("write -P {p} {} {}", g * v.cs, v.cs))
         .collect();
@@ -177,11 +205,20 @@ fn make_image(w: &Work, v: &Variant, name: &str, lazy: bool) {
     } else {
         w.qemu_io(&["-f", "qcow2"], name, &c);
     }
+    if v.snapshot {
+        w.qemu_img(&["snapshot", "-c", "s1", name]);
+        w.qemu_io(
+            &["-f", "qcow2"],
+            name,
+            &[&format!("write -P {AFTER_SNAPSHOT_PATTERN} 0 {}", v.cs)],
+        );
+    }
 }
 
 /// What a guest cluster must read after our repair: `Some(pattern)`, or `None` for zeros.
 fn expected_after_repair(v: &Variant, d: Damage) -> Vec<(u64, u8)> {
-    let mut exp = written(v.cs);
+    let mut exp = written(v);
+    let cluster0 = exp[0].1;
     let unallocated = if v.backing { BACKING_PATTERN } else { 0 };
     for (g, p) in exp.iter_mut() {
         if *g == VICTIM
@@ -193,7 +230,7 @@ fn expected_after_repair(v: &Variant, d: Damage) -> Vec<(u64, u8)> {
             *p = unallocated;
         }
         if *g == 2 && d == Damage::DoubleReference {
-            *p = 0x10;
+            *p = cluster0;
         }
     }
     if v.backing {
@@ -342,7 +379,7 @@ fn run_case(w: &Work, v: &Variant, d: Damage, problems: &mut Vec<String>) -> boo
             "{case}\n  recipe: qemu-img create -f qcow2 -o '{}'{} {SIZE}; qemu-io writes {:?}{}; damage: {what}\n  {msg}",
             v.opts,
             if v.backing { " -b backing.qcow2 (all 0x77)" } else { "" },
-            written(v.cs).iter().map(|(g, p)| format!("cluster {g} = {p:#x}")).collect::<Vec<_>>(),
+            written(v).iter().map(|(g, p)| format!("cluster {g} = {p:#x}")).collect::<Vec<_>>(),
             if d == Damage::LazyDirty { ", lazy_refcounts=on, then SIGKILL (sigraise 9)" } else { "" },
         ))
     };
@@ -448,6 +485,11 @@ fn run_variant(v: &Variant) {
     let mut problems = Vec::new();
     let mut cases = 0;
     for d in DAMAGES {
+        // A dirty image is made by killing qemu-io after the last write, which the snapshot variant
+        // does not end with.
+        if v.snapshot && *d == Damage::LazyDirty {
+            continue;
+        }
         // The overlay variant is for the damages of a guest cluster's mapping.
         if v.backing
             && !matches!(
@@ -501,4 +543,9 @@ fn damage_refcount_bits_1() {
 #[test]
 fn damage_overlay() {
     run_variant(&VARIANTS[4]);
+}
+
+#[test]
+fn damage_snapshot() {
+    run_variant(&VARIANTS[5]);
 }
