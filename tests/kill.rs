@@ -17,10 +17,11 @@
 //! or the pattern of a later write covering it. The contents read become the starting point of the next
 //! run of the writer on the same image, so later runs start from the state a kill left.
 //!
-//! Configurations: cluster sizes 512 B, 64 KiB and 2 MiB, extended L2, 1-bit refcounts, lazy refcounts;
+//! Configurations: cluster sizes 512 B, 64 KiB and 2 MiB, extended L2, 1-bit refcounts, lazy refcounts,
+//! an overlay over a backing file (partial writes copy the rest of the cluster from it);
 //! each run of the writer uses the threads (std file) or the io_uring backend, from the seed.
 //! `QCOW2_KILL_SEED` replays a run (the seed is printed); `QCOW2_KILLS_PER_CONFIG` sets the number of kills
-//! per configuration (default 4: 24 kills in all).
+//! per configuration (default 4: 28 kills in all).
 
 mod common;
 
@@ -41,7 +42,11 @@ struct Config {
     cs: u64,
     size: u64,
     lazy: bool,
+    /// Over a backing file whose every byte is [`BACKING_PATTERN`] (writes COW from it).
+    backing: bool,
 }
+
+const BACKING_PATTERN: u8 = 0x77;
 
 const CONFIGS: &[Config] = &[
     Config {
@@ -50,6 +55,7 @@ const CONFIGS: &[Config] = &[
         cs: 512,
         size: 8 * MIB,
         lazy: false,
+        backing: false,
     },
     Config {
         name: "64k",
@@ -57,6 +63,7 @@ const CONFIGS: &[Config] = &[
         cs: 64 * KIB,
         size: 64 * MIB,
         lazy: false,
+        backing: false,
     },
     Config {
         name: "2M",
@@ -64,6 +71,7 @@ const CONFIGS: &[Config] = &[
         cs: 2 * MIB,
         size: 64 * MIB,
         lazy: false,
+        backing: false,
     },
     Config {
         name: "extended_l2",
@@ -71,6 +79,7 @@ const CONFIGS: &[Config] = &[
         cs: 64 * KIB,
         size: 32 * MIB,
         lazy: false,
+        backing: false,
     },
     Config {
         name: "refcount_bits=1",
@@ -78,6 +87,7 @@ const CONFIGS: &[Config] = &[
         cs: 64 * KIB,
         size: 32 * MIB,
         lazy: false,
+        backing: false,
     },
     Config {
         name: "lazy_refcounts",
@@ -85,6 +95,15 @@ const CONFIGS: &[Config] = &[
         cs: 64 * KIB,
         size: 32 * MIB,
         lazy: true,
+        backing: false,
+    },
+    Config {
+        name: "backing",
+        opts: "",
+        cs: 64 * KIB,
+        size: 32 * MIB,
+        lazy: false,
+        backing: true,
     },
 ];
 
@@ -344,10 +363,22 @@ fn verify(base: &[u8], writes: &[Write1], flushed_rounds: u64, data: &[u8]) -> R
 fn run_config(c: &Config, seed: u64, kills: u64) -> (u64, u64, Vec<String>) {
     let w = Work::new();
     let img = "k.qcow2";
-    common::images::create(&w, img, c.opts, c.size);
+    let initial = if c.backing {
+        common::images::create(&w, "backing.qcow2", "", c.size);
+        w.qemu_io(
+            &["-f", "qcow2"],
+            "backing.qcow2",
+            &[&format!("write -P {BACKING_PATTERN} 0 {}", c.size)],
+        );
+        common::images::create_overlay(&w, img, "backing.qcow2", "qcow2", c.opts, None);
+        BACKING_PATTERN
+    } else {
+        common::images::create(&w, img, c.opts, c.size);
+        0
+    };
     let mut rng = Rng(seed);
     // Per-sector values of the image (uniform sectors, as every write writes a pattern).
-    let mut base = vec![0u8; (c.size / SECTOR) as usize];
+    let mut base = vec![initial; (c.size / SECTOR) as usize];
     let mut failures = Vec::new();
     let mut corruptions = 0;
     let mut done = 0;
