@@ -2,7 +2,8 @@
 //! bytes (tables found by parsing the header, L1 and refcount table here), then checked by both tools.
 //!
 //! For each damage and image variant (64 KiB clusters, 512-byte clusters, extended L2, 1-bit
-//! refcounts, an internal snapshot sharing most clusters, an overlay over a backing file where the damage
+//! refcounts, an internal snapshot sharing most clusters, compressed clusters packed into shared host
+//! clusters, an overlay over a backing file where the damage
 //! concerns a guest cluster):
 //! - `qcow2 check --output=json` reports the same `corruptions`, `leaks` and `check-errors` counts and
 //!   the same exit code as `qemu-img check --output=json` (each on its own copy);
@@ -35,6 +36,8 @@ struct Variant {
     /// With an internal snapshot taken after the first writes, and guest cluster 0 rewritten after it
     /// (so that it has a cluster of its own while the others are shared with the snapshot).
     snapshot: bool,
+    /// Made by `qemu-img convert -c`: every written cluster compressed, several to a host cluster.
+    compressed: bool,
 }
 
 const VARIANTS: &[Variant] = &[
@@ -44,6 +47,7 @@ const VARIANTS: &[Variant] = &[
         cs: 64 * KIB,
         backing: false,
         snapshot: false,
+        compressed: false,
     },
     Variant {
         name: "512",
@@ -51,6 +55,7 @@ const VARIANTS: &[Variant] = &[
         cs: 512,
         backing: false,
         snapshot: false,
+        compressed: false,
     },
     Variant {
         name: "extended_l2",
@@ -58,6 +63,7 @@ const VARIANTS: &[Variant] = &[
         cs: 64 * KIB,
         backing: false,
         snapshot: false,
+        compressed: false,
     },
     Variant {
         name: "refcount_bits=1",
@@ -65,6 +71,7 @@ const VARIANTS: &[Variant] = &[
         cs: 64 * KIB,
         backing: false,
         snapshot: false,
+        compressed: false,
     },
     Variant {
         name: "overlay",
@@ -72,6 +79,7 @@ const VARIANTS: &[Variant] = &[
         cs: 64 * KIB,
         backing: true,
         snapshot: false,
+        compressed: false,
     },
     Variant {
         name: "snapshot",
@@ -79,6 +87,15 @@ const VARIANTS: &[Variant] = &[
         cs: 64 * KIB,
         backing: false,
         snapshot: true,
+        compressed: false,
+    },
+    Variant {
+        name: "compressed",
+        opts: "",
+        cs: 64 * KIB,
+        backing: false,
+        snapshot: false,
+        compressed: true,
     },
 ];
 
@@ -165,6 +182,20 @@ fn make_image(w: &Work, v: &Variant, name: &str, lazy: bool) {
         }
         opts.push_str("lazy_refcounts=on");
     }
+    if v.compressed {
+        let mut src = vec![0u8; SIZE as usize];
+        for (g, p) in first_writes(v.cs) {
+            src[(g * v.cs) as usize..((g + 1) * v.cs) as usize].fill(p);
+        }
+        w.write_file("src.raw", &src);
+        let mut args = vec!["convert", "-q", "-c", "-f", "raw", "-O", "qcow2"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts.as_str()]);
+        }
+        args.extend(["src.raw", name]);
+        w.qemu_img(&args);
+        return;
+    }
     if v.backing {
         if !w.p("backing.qcow2").exists() {
             common::images::create(w, "backing.qcow2", "", SIZE);
@@ -244,7 +275,17 @@ fn damage(w: &Work, d: Damage, name: &str) -> Option<String> {
     let path = w.p(name);
     let l = Layout::read(&path);
     let entry = |g: u64| common::get_be64(&path, l.l2_entry_offset(g));
-    let host = |g: u64| entry(g) & common_check::OFFSET_MASK;
+    // Host cluster of a guest cluster: a compressed entry (bit 62) holds a byte offset in its low
+    // 62 - (cluster_bits - 8) bits.
+    let offset_bits = 62 - (l.cs.trailing_zeros() as u64 - 8);
+    let host = |g: u64| {
+        let e = entry(g);
+        if e & (1 << 62) != 0 {
+            e & ((1 << offset_bits) - 1)
+        } else {
+            e & common_check::OFFSET_MASK
+        }
+    };
     let file_len = std::fs::metadata(&path).expect("stat").len();
     Some(match d {
         Damage::Clean | Damage::LazyDirty => String::new(),
@@ -332,7 +373,14 @@ fn damage(w: &Work, d: Damage, name: &str) -> Option<String> {
         }
         Damage::PastEof => {
             let off = l.l2_entry_offset(VICTIM);
-            let e = COPIED | ((file_len.div_ceil(l.cs) + 1000) * l.cs);
+            let past = (file_len.div_ceil(l.cs) + 1000) * l.cs;
+            let old = entry(VICTIM);
+            let e = if old & (1 << 62) != 0 {
+                // Compressed: keep the flag and the sector count, move the data past the end.
+                (old & !((1 << offset_bits) - 1)) | past
+            } else {
+                COPIED | past
+            };
             common::put_be64(&path, off, e);
             format!("L2 entry of guest cluster {VICTIM} at {off:#x} set to {e:#x} (past the end, file {file_len} bytes)")
         }
@@ -490,6 +538,20 @@ fn run_variant(v: &Variant) {
         if v.snapshot && *d == Damage::LazyDirty {
             continue;
         }
+        // Compressed entries have no COPIED flag and byte offsets (never unaligned); two entries of
+        // one packed host cluster may reference it as often as before; no image is dirty.
+        if v.compressed
+            && matches!(
+                d,
+                Damage::L2CopiedCleared
+                    | Damage::CorruptBit
+                    | Damage::Unaligned
+                    | Damage::DoubleReference
+                    | Damage::LazyDirty
+            )
+        {
+            continue;
+        }
         // The overlay variant is for the damages of a guest cluster's mapping.
         if v.backing
             && !matches!(
@@ -548,4 +610,9 @@ fn damage_overlay() {
 #[test]
 fn damage_snapshot() {
     run_variant(&VARIANTS[5]);
+}
+
+#[test]
+fn damage_compressed() {
+    run_variant(&VARIANTS[6]);
 }
