@@ -310,6 +310,18 @@ fn check_errors_match_qemu_img() {
             failures.push(format!("{}\n{}", q.describe(), o.describe()));
         }
     }
+    // `-f qcow2` on a raw image: it cannot be opened as qcow2.
+    let args = ["check", "-f", "qcow2", "r.raw"];
+    let q = w.qemu_img_try(&args, common::ORACLE_TIMEOUT);
+    let o = w.qcow2_try(&args, &[], common::ORACLE_TIMEOUT);
+    assert_eq!(exit_code(&q), 1, "{}", q.describe());
+    assert_eq!(
+        o.stderr,
+        q.stderr.replace("qemu-img: ", "qcow2: "),
+        "{}",
+        o.describe()
+    );
+    assert_eq!(exit_code(&o), 1, "{}", o.describe());
     // A missing file: exit code 1, "Could not open".
     let o = w.qcow2_try(&["check", "nonexistent.qcow2"], &[], common::ORACLE_TIMEOUT);
     assert_eq!(exit_code(&o), 1, "{}", o.describe());

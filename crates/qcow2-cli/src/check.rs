@@ -71,6 +71,13 @@ pub async fn check<B: BackendOpen>(a: &CheckArgs) -> Result<i32, CliError> {
         eprintln!("qcow2: {NO_CHECK_MESSAGE}");
         return Ok(NO_CHECK_EXIT);
     }
+    // `-f qcow2` on a readable file without the magic: qemu-img cannot open it as qcow2.
+    if format == Some(ImageFormat::Qcow2) && probe_is_raw(path) {
+        return Err(CliError::Open {
+            path: path.to_string(),
+            reason: "Image is not in qcow2 format".into(),
+        });
+    }
     let report = check_file::<B>(Path::new(path), format, repair)
         .await
         .map_err(|e| engine_error(path, e))?;
