@@ -14,7 +14,8 @@
 //! corruption and no check error, and `qcow2 check` must report the same counts and exit code; the guest
 //! contents (`qemu-img convert -O raw`, and ours, which must be
 //! identical) must have, in every 512-byte sector, either the value it had after the last completed flush
-//! or the pattern of a later write covering it. The contents read become the starting point of the next
+//! or the pattern of a later write covering it. Leaks left by a kill are repaired by `qcow2 check -r
+//! leaks` on a copy, which `qemu-img check` must then find clean, with the same contents. The contents read become the starting point of the next
 //! run of the writer on the same image, so later runs start from the state a kill left.
 //!
 //! Configurations: cluster sizes 512 B, 64 KiB and 2 MiB, extended L2, 1-bit refcounts, lazy refcounts,
@@ -359,8 +360,9 @@ fn verify(base: &[u8], writes: &[Write1], flushed_rounds: u64, data: &[u8]) -> R
     }
 }
 
-/// Runs the kills of one configuration; returns (kills, corruptions found, failures).
-fn run_config(c: &Config, seed: u64, kills: u64) -> (u64, u64, Vec<String>) {
+/// Runs the kills of one configuration; returns (kills, corruptions found, images with leaks repaired,
+/// failures).
+fn run_config(c: &Config, seed: u64, kills: u64) -> (u64, u64, u64, Vec<String>) {
     let w = Work::new();
     let img = "k.qcow2";
     let initial = if c.backing {
@@ -382,6 +384,7 @@ fn run_config(c: &Config, seed: u64, kills: u64) -> (u64, u64, Vec<String>) {
     let mut failures = Vec::new();
     let mut corruptions = 0;
     let mut done = 0;
+    let mut repaired_leaks = 0;
     for k in 0..kills {
         let (text, writes) = script(&mut rng, c);
         let kill_after_round = rng.below(6);
@@ -451,6 +454,26 @@ fn run_config(c: &Config, seed: u64, kills: u64) -> (u64, u64, Vec<String>) {
                 ours.describe()
             ));
         }
+        // Leaks left by the kill: our `-r leaks` (on a copy) frees them, and nothing else changes.
+        if n("leaks") > 0 {
+            std::fs::copy(w.p(img), w.p("rep.qcow2")).expect("copy image");
+            let rep = w.qcow2_try(
+                &["check", "-r", "leaks", "rep.qcow2"],
+                &[],
+                common::ORACLE_TIMEOUT,
+            );
+            let after = w.qemu_img_try(&["check", "rep.qcow2"], common::ORACLE_TIMEOUT);
+            let same = w.qemu_img_try(&["compare", img, "rep.qcow2"], common::ORACLE_TIMEOUT);
+            if !rep.success() || !after.success() || !same.success() {
+                failures.push(format!(
+                    "{what}: repairing the leaks: {}\n{}\n{}",
+                    rep.describe(),
+                    after.describe(),
+                    same.describe()
+                ));
+            }
+            repaired_leaks += 1;
+        }
         let data = match read_contents(&w, img) {
             Ok(d) => d,
             Err(e) => {
@@ -468,7 +491,7 @@ fn run_config(c: &Config, seed: u64, kills: u64) -> (u64, u64, Vec<String>) {
         );
         base = data.chunks(SECTOR as usize).map(|s| s[0]).collect();
     }
-    (done, corruptions, failures)
+    (done, corruptions, repaired_leaks, failures)
 }
 
 #[test]
@@ -490,14 +513,18 @@ fn kill_writer_at_random_moments() {
     let _ = std::io::stdout().flush();
     let mut kills = 0;
     let mut corruptions = 0;
+    let mut leaky = 0;
     let mut failures = Vec::new();
     for (i, c) in CONFIGS.iter().enumerate() {
-        let (k, cor, f) = run_config(c, seed.wrapping_add(i as u64 * 0x1000_0001), per_config);
+        let (k, cor, rep, f) = run_config(c, seed.wrapping_add(i as u64 * 0x1000_0001), per_config);
         kills += k;
         corruptions += cor;
+        leaky += rep;
         failures.extend(f);
     }
-    println!("kill: {kills} kills, {corruptions} corruptions");
+    println!(
+        "kill: {kills} kills, {corruptions} corruptions ({leaky} left leaks, repaired by qcow2 check -r leaks)"
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     assert!(kills >= 20 || per_config < 4, "only {kills} kills");
 }
