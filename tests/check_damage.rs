@@ -7,7 +7,9 @@
 //! concerns a guest cluster):
 //! - `qcow2 check --output=json` reports the same `corruptions`, `leaks` and `check-errors` counts and
 //!   the same exit code as `qemu-img check --output=json` (each on its own copy);
-//! - `qcow2 check -r all` repairs our copy, after which `qemu-img check` finds it clean (exit code 0);
+//! - `qcow2 check -r all` repairs our copy, after which `qemu-img check` finds it clean (exit code 0)
+//!   (except for an inconsistent snapshot table, which neither tool repairs: then the counts and exit
+//!   code after `-r all` must be qemu-img's);
 //!   the guest data is what qemu-img's own repair gives (`qemu-img compare` with qemu-img's repaired
 //!   copy) where qemu-img can repair, and otherwise (unaligned and past-the-end L2 entries, which
 //!   qemu-img cannot repair) every cluster reads back as written except the damaged one, which reads as
@@ -130,6 +132,26 @@ enum Damage {
     L2TableRefcountZero,
     /// The corrupt bit set, with a cleared COPIED flag (what a write that found it would have left).
     CorruptBit,
+    /// L1 entry 0 pointing at the refcount block: an L2 table overlapping metadata (its "entries" are
+    /// refcounts; the guest data of that table is lost).
+    L2OverlapsRefcountBlock,
+    /// Refcount table entry 0 pointing at the L1 table: a refcount block overlapping metadata.
+    RefcountBlockOverlapsL1,
+    /// The first snapshot's L1 table offset made unaligned: an inconsistent snapshot table (which
+    /// qemu-img reports but does not repair).
+    SnapshotL1Unaligned,
+}
+
+impl Damage {
+    /// Whether the guest data survives the damage and its repair.
+    fn data_survives(self) -> bool {
+        self != Damage::L2OverlapsRefcountBlock
+    }
+
+    /// Whether our `-r all` must leave an image qemu-img finds clean (otherwise it must do as qemu-img).
+    fn we_repair(self) -> bool {
+        self != Damage::SnapshotL1Unaligned
+    }
 }
 
 const DAMAGES: &[Damage] = &[
@@ -146,6 +168,9 @@ const DAMAGES: &[Damage] = &[
     Damage::LazyDirty,
     Damage::L2TableRefcountZero,
     Damage::CorruptBit,
+    Damage::L2OverlapsRefcountBlock,
+    Damage::RefcountBlockOverlapsL1,
+    Damage::SnapshotL1Unaligned,
 ];
 
 /// The guest cluster the damages concern (written by the recipe).
@@ -361,6 +386,30 @@ fn damage(w: &Work, d: Damage, name: &str) -> Option<String> {
                 "corrupt bit set, COPIED cleared in the L2 entry of guest cluster 0 at {off:#x}"
             )
         }
+        Damage::L2OverlapsRefcountBlock => {
+            let off = l.l1_entry_offset(0);
+            let e = COPIED | (l.rt[0] & common_check::OFFSET_MASK);
+            common::put_be64(&path, off, e);
+            format!("L1 entry 0 at {off:#x} set to {e:#x} (the refcount block)")
+        }
+        Damage::RefcountBlockOverlapsL1 => {
+            let e = l.l1_offset;
+            common::put_be64(&path, l.rt_offset, e);
+            format!(
+                "refcount table entry 0 at {:#x} set to {e:#x} (the L1 table)",
+                l.rt_offset
+            )
+        }
+        Damage::SnapshotL1Unaligned => {
+            let nb = common::get_be32(&path, 60);
+            if nb == 0 {
+                return None;
+            }
+            let table = common::get_be64(&path, 64);
+            let e = common::get_be64(&path, table) + 512;
+            common::put_be64(&path, table, e);
+            format!("L1 table offset of snapshot 1 at {table:#x} set to {e:#x} (unaligned)")
+        }
         Damage::Unaligned => {
             // A 512-byte cluster offset cannot be unaligned (bits 0-8 are not part of it).
             if l.cs == 512 {
@@ -473,7 +522,13 @@ fn run_case(w: &Work, v: &Variant, d: Damage, problems: &mut Vec<String>) -> boo
         "", ""
     );
     let after = w.qemu_img_try(&["check", "or.qcow2"], common::ORACLE_TIMEOUT);
-    if exit_code(&after) != 0 {
+    if !d.we_repair() {
+        if !same_counts(&qrc, &orc) {
+            report(format!(
+                "-r all (which qemu-img cannot repair): qemu-img {qrc}, ours {orc}"
+            ));
+        }
+    } else if exit_code(&after) != 0 {
         report(format!(
             "after our -r all, qemu-img check is not clean:\n{}\n  ours -r all said:\n{}{}",
             after.describe(),
@@ -505,7 +560,7 @@ fn run_case(w: &Work, v: &Variant, d: Damage, problems: &mut Vec<String>) -> boo
             ));
         }
     }
-    if d != Damage::DoubleReference || qemu_repairs {
+    if d.data_survives() && d.we_repair() && (d != Damage::DoubleReference || qemu_repairs) {
         if let Err(e) = verify_data(w, "or.qcow2", v, &expected_after_repair(v, d)) {
             report(e);
         }
@@ -529,10 +584,15 @@ fn indent(s: &str) -> String {
 }
 
 fn run_variant(v: &Variant) {
+    run_damages(v, DAMAGES, &[]);
+}
+
+/// Runs the damages of `damages` except `skip` on the variant.
+fn run_damages(v: &Variant, damages: &[Damage], skip: &[Damage]) {
     let w = Work::new();
     let mut problems = Vec::new();
     let mut cases = 0;
-    for d in DAMAGES {
+    for d in damages.iter().filter(|d| !skip.contains(d)) {
         // A dirty image is made by killing qemu-io after the last write, which the snapshot variant
         // does not end with.
         if v.snapshot && *d == Damage::LazyDirty {
@@ -599,7 +659,20 @@ fn damage_extended_l2() {
 
 #[test]
 fn damage_refcount_bits_1() {
-    run_variant(&VARIANTS[3]);
+    run_damages(&VARIANTS[3], DAMAGES, RC1_OVERLAPS);
+}
+
+/// Metadata overlaps with 1-bit refcounts (a cluster counted twice overflows its refcount): our repair
+/// does not end clean (see /tmp/qcow2-plan/requests-cli.md, items 4 and 5).
+const RC1_OVERLAPS: &[Damage] = &[
+    Damage::L2OverlapsRefcountBlock,
+    Damage::RefcountBlockOverlapsL1,
+];
+
+#[test]
+#[ignore = "see requests-cli.md: metadata overlaps with refcount_bits=1 are not repaired"]
+fn damage_refcount_bits_1_overlaps() {
+    run_damages(&VARIANTS[3], RC1_OVERLAPS, &[]);
 }
 
 #[test]
