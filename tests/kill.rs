@@ -21,6 +21,14 @@
 //! Configurations: cluster sizes 512 B, 64 KiB and 2 MiB, extended L2, 1-bit refcounts, lazy refcounts,
 //! an overlay over a backing file (partial writes copy the rest of the cluster from it);
 //! each run of the writer uses the threads (std file) or the io_uring backend, from the seed.
+//!
+//! `kill_repair_at_each_write`: `qcow2 check -r all` on damaged images (rebuild, refcount 2, COPIED, leak,
+//! double reference, unaligned and past-the-end entries, a dirty lazy-refcounts image) is killed by
+//! strace's syscall injection (`-e inject=pwrite64:signal=SIGKILL:when=k`, and the same for fdatasync,
+//! ...) at each write it makes: the image must be no worse than before (no more corruptions besides
+//! COPIED-flag mismatches, no check error), and a second repair must end clean with the contents of an
+//! uninterrupted one. Skipped (with a message) where ptrace is not allowed.
+//!
 //! `QCOW2_KILL_SEED` replays a run (the seed is printed); `QCOW2_KILLS_PER_CONFIG` sets the number of kills
 //! per configuration (default 4: 28 kills in all).
 
@@ -566,4 +574,254 @@ fn verify_catches_lost_flushed_writes() {
     // A value nobody wrote.
     data[4096..4608].fill(9);
     assert!(verify(&base, &writes, 1, &data).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Repairs killed at each write
+
+/// The syscalls by which a repair changes the image file.
+const MUTATING_SYSCALLS: &[&str] = &[
+    "pwrite64",
+    "pwritev",
+    "fdatasync",
+    "fsync",
+    "ftruncate",
+    "fallocate",
+];
+
+/// Whether `strace` can trace our processes here (it needs ptrace).
+fn strace_works(w: &Work) -> bool {
+    Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "true"])
+        .current_dir(w.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `qcow2 check -r all img` under strace; with `inject = Some((syscall, k))` strace sends SIGKILL at
+/// the entry of the k-th call of `syscall` (counted per thread, so at some call of it). Returns the
+/// number of calls of each mutating syscall seen, and whether the repair was killed.
+fn traced_repair(w: &Work, img: &str, inject: Option<(&str, u64)>) -> (HashMap<String, u64>, bool) {
+    let trace = format!("trace={}", MUTATING_SYSCALLS.join(","));
+    let mut args: Vec<String> = ["-f", "-qq", "-o", "strace.txt", "-e", &trace]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if let Some((syscall, k)) = inject {
+        args.push("-e".into());
+        args.push(format!("inject={syscall}:signal=SIGKILL:when={k}"));
+    }
+    args.push(common::qcow2_bin().to_string_lossy().into_owned());
+    args.extend(["check", "-r", "all", img].map(String::from));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cmd = Command::new("strace");
+    cmd.args(&a).current_dir(w.path());
+    let o = common::run_with_timeout(cmd, common::ORACLE_TIMEOUT);
+    assert!(!o.timed_out, "the traced repair hung: {}", o.describe());
+    let text = std::fs::read_to_string(w.p("strace.txt")).unwrap_or_default();
+    let mut counts = HashMap::new();
+    for line in text.lines() {
+        for s in MUTATING_SYSCALLS {
+            if line.contains(&format!(" {s}(")) {
+                *counts.entry(s.to_string()).or_insert(0) += 1;
+            }
+        }
+    }
+    (counts, text.contains("killed by SIGKILL"))
+}
+
+/// A damaged image recipe: its name, and a function making it as `name` in the work directory.
+type Recipe = (&'static str, fn(&Work, &str));
+
+fn base_image(w: &Work, name: &str, opts: &str) {
+    common::images::create(w, name, opts, 8 * MIB);
+    w.qemu_io(
+        &["-f", "qcow2"],
+        name,
+        &[
+            "write -P 1 0 200k",
+            "write -P 2 1M 64k",
+            "write -P 3 3M 64k",
+        ],
+    );
+}
+
+/// The file offset of the L2 entry of guest cluster `g` and its value.
+fn l2_entry(w: &Work, name: &str, g: u64) -> (u64, u64) {
+    let path = w.p(name);
+    let d = std::fs::read(&path).expect("read image");
+    let be64 =
+        |o: u64| u64::from_be_bytes(d[o as usize..o as usize + 8].try_into().expect("8 bytes"));
+    let l1 = be64(40);
+    let l2 = be64(l1) & 0x00ff_ffff_ffff_fe00;
+    let off = l2 + 8 * g;
+    (off, be64(off))
+}
+
+/// Sets the 16-bit refcount of the host cluster of guest cluster `g` (default refcount width).
+fn set_refcount_of_guest(w: &Work, name: &str, g: u64, value: u16) {
+    let path = w.p(name);
+    let (_, e) = l2_entry(w, name, g);
+    let cluster = (e & 0x00ff_ffff_ffff_fe00) >> 16;
+    let rt = common::get_be64(&path, 48);
+    let block = common::get_be64(&path, rt);
+    common::patch(&path, block + 2 * cluster, &value.to_be_bytes());
+}
+
+const REPAIR_RECIPES: &[Recipe] = &[
+    ("refcount 0 (rebuild)", |w, n| {
+        base_image(w, n, "");
+        set_refcount_of_guest(w, n, 1, 0);
+    }),
+    ("refcount 2", |w, n| {
+        base_image(w, n, "");
+        set_refcount_of_guest(w, n, 1, 2);
+    }),
+    ("COPIED cleared", |w, n| {
+        base_image(w, n, "");
+        let (off, e) = l2_entry(w, n, 0);
+        common::put_be64(&w.p(n), off, e & !(1 << 63));
+    }),
+    ("L2 entry dropped (leak)", |w, n| {
+        base_image(w, n, "");
+        let (off, _) = l2_entry(w, n, 2);
+        common::put_be64(&w.p(n), off, 0);
+    }),
+    ("double reference", |w, n| {
+        base_image(w, n, "");
+        let (_, e) = l2_entry(w, n, 0);
+        let (off, _) = l2_entry(w, n, 2);
+        common::put_be64(&w.p(n), off, e);
+    }),
+    ("unaligned entry", |w, n| {
+        base_image(w, n, "");
+        let (off, e) = l2_entry(w, n, 1);
+        common::put_be64(&w.p(n), off, e + 32 * KIB);
+    }),
+    ("entry past the end", |w, n| {
+        base_image(w, n, "");
+        let (off, _) = l2_entry(w, n, 1);
+        common::put_be64(&w.p(n), off, (1 << 63) | (64 * MIB));
+    }),
+    ("lazy refcounts, killed while dirty", |w, n| {
+        common::images::create(w, n, "lazy_refcounts=on", 8 * MIB);
+        let o = w.qemu_io_try(
+            &["-f", "qcow2"],
+            n,
+            &[
+                "write -P 1 0 200k",
+                "write -P 2 1M 64k",
+                "write -P 3 3M 64k",
+                "sigraise 9",
+            ],
+        );
+        assert!(
+            o.status.is_some_and(|s| s.code().is_none()),
+            "{}",
+            o.describe()
+        );
+    }),
+];
+
+/// What `qemu-img check` reports: (corruptions other than COPIED flags, COPIED-flag corruptions,
+/// check errors); all `u64::MAX` when it printed no report.
+///
+/// COPIED-flag mismatches are counted apart: a repair that raises a refcount and then fixes the flags of
+/// the entries referencing the cluster cannot do both at once, so between the two writes the flags do
+/// not match (and with the opposite order neither would the refcount).
+fn qemu_counts(w: &Work, img: &str) -> (u64, u64, u64) {
+    let o = w.qemu_img_try(&["check", "--output=json", img], common::ORACLE_TIMEOUT);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    if v.is_null() {
+        return (u64::MAX, u64::MAX, u64::MAX);
+    }
+    let corruptions = v.get("corruptions").and_then(Value::as_u64).unwrap_or(0);
+    let errors = v.get("check-errors").and_then(Value::as_u64).unwrap_or(0);
+    let copied = o
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("ERROR OFLAG_COPIED"))
+        .count() as u64;
+    (corruptions.saturating_sub(copied), copied, errors)
+}
+
+/// A repair (`qcow2 check -r all`) killed at every write it makes (via strace's syscall injection):
+/// the interrupted image is no worse than before (no more corruptions besides COPIED-flag mismatches, see
+/// [`qemu_counts`], and no check error), and a second
+/// `qcow2 check -r all` then leaves an image qemu-img finds clean, with the guest contents of an
+/// uninterrupted repair.
+#[test]
+fn kill_repair_at_each_write() {
+    let w = Work::new();
+    if !strace_works(&w) {
+        println!("kill repair: strace cannot trace here (no ptrace); skipped");
+        return;
+    }
+    let mut kills = 0;
+    let mut copied_transients = 0;
+    let mut failures = Vec::new();
+    for (what, make) in REPAIR_RECIPES {
+        make(&w, "damaged.qcow2");
+        let (before, copied_before, _) = qemu_counts(&w, "damaged.qcow2");
+        // The uninterrupted repair, for its contents and its syscalls.
+        std::fs::copy(w.p("damaged.qcow2"), w.p("full.qcow2")).expect("copy");
+        let (calls, killed) = traced_repair(&w, "full.qcow2", None);
+        assert!(!killed, "{what}: the uninterrupted repair was killed");
+        assert!(
+            !calls.is_empty(),
+            "{what}: the repair made no write (the damage recipe is wrong?)"
+        );
+        for (syscall, n) in &calls {
+            for k in 1..=*n {
+                std::fs::copy(w.p("damaged.qcow2"), w.p("cut.qcow2")).expect("copy");
+                let (_, killed) = traced_repair(&w, "cut.qcow2", Some((syscall, k)));
+                if !killed {
+                    continue;
+                }
+                kills += 1;
+                let case = format!("{what}: repair killed at {syscall} #{k} (per thread)");
+                let (after, copied_after, errors) = qemu_counts(&w, "cut.qcow2");
+                if after > before || errors != 0 {
+                    failures.push(format!(
+                        "{case}: worse than before: corruptions (besides COPIED flags) {before} -> {after}, check errors {errors}"
+                    ));
+                    continue;
+                }
+                if copied_after > copied_before {
+                    copied_transients += 1;
+                }
+                let again = w.qcow2_try(
+                    &["check", "-r", "all", "cut.qcow2"],
+                    &[],
+                    common::ORACLE_TIMEOUT,
+                );
+                let clean = w.qemu_img_try(&["check", "cut.qcow2"], common::ORACLE_TIMEOUT);
+                let same = w.qemu_img_try(
+                    &["compare", "full.qcow2", "cut.qcow2"],
+                    common::ORACLE_TIMEOUT,
+                );
+                if !clean.success() || !same.success() {
+                    failures.push(format!(
+                        "{case}: the second repair did not end like an uninterrupted one:\n{}\n{}\n{}",
+                        again.describe(),
+                        clean.describe(),
+                        same.describe()
+                    ));
+                }
+            }
+        }
+        println!("kill repair: {what}: writes {calls:?}");
+    }
+    println!(
+        "kill repair: {kills} repairs killed, {} failures ({copied_transients} left more COPIED-flag \
+         mismatches than before)",
+        failures.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    assert!(
+        kills >= REPAIR_RECIPES.len(),
+        "only {kills} repairs were killed"
+    );
 }
