@@ -3,7 +3,8 @@
 //! flushed before the kill must read back.
 //!
 //! The writer reads its script from standard input: rounds of 8 non-overlapping `aio_write`s with
-//! distinct patterns, `aio_flush`, `flush`, and a marker `read <round*512> 512` whose output line ("read
+//! distinct patterns (one in six a zero write, `-z`), `aio_flush`, every other round a `discard` of whole
+//! clusters, `flush`, and a marker `read <round*512> 512` whose output line ("read
 //! 512/512 bytes at offset N") tells the test that the round's flush completed (commands run in order,
 //! and `qcow2 io` flushes its standard output after every outcome). The test reads the writer's output
 //! line by line, and kills it after the k-th marker plus a random number of further output lines (both
@@ -174,9 +175,16 @@ fn script(rng: &mut Rng, c: &Config) -> (String, Vec<Write1>) {
                 continue;
             }
             this.push((offset, len));
-            let pattern = 1 + (n % 254) as u8;
+            // One write in six writes zeros (`-z`: zero flags or zero clusters in the metadata).
+            let pattern = if rng.below(6) == 0 {
+                text.push_str(&format!("aio_write -z {offset} {len}\n"));
+                0
+            } else {
+                let p = 1 + (n % 254) as u8;
+                text.push_str(&format!("aio_write -P {p} {offset} {len}\n"));
+                p
+            };
             n += 1;
-            text.push_str(&format!("aio_write -P {pattern} {offset} {len}\n"));
             writes.push(Write1 {
                 round,
                 offset,
@@ -184,7 +192,24 @@ fn script(rng: &mut Rng, c: &Config) -> (String, Vec<Write1>) {
                 pattern,
             });
         }
-        text.push_str("aio_flush\nflush\n");
+        text.push_str("aio_flush\n");
+        // Every other round, once its writes are done, a discard of one or two whole clusters (the
+        // clusters then read as zeros). Not over a backing file, where a discarded cluster that was not
+        // allocated may keep reading the backing file's data.
+        if !c.backing && rng.below(2) == 0 {
+            let clusters = c.size / c.cs;
+            let count = 1 + rng.below(2).min(clusters - 1);
+            let first = rng.below(clusters - count + 1);
+            let (offset, len) = (first * c.cs, count * c.cs);
+            text.push_str(&format!("discard {offset} {len}\n"));
+            writes.push(Write1 {
+                round,
+                offset,
+                len,
+                pattern: 0,
+            });
+        }
+        text.push_str("flush\n");
         text.push_str(&format!("read {} 512\n", round * SECTOR));
     }
     (text, writes)
