@@ -106,30 +106,30 @@ fn probe_is_raw(path: &str) -> bool {
 }
 
 /// The CLI error for an engine error: a failure to open the image, or (an I/O error once the image is
-/// open) `Check failed: <reason>`, as qemu-img.
+/// open, or something the check cannot handle) `Check failed: <reason>`, as qemu-img.
 fn engine_error(path: &str, e: Error) -> CliError {
-    let after_open = matches!(&e, Error::Io { op, .. } if !op.starts_with("open") && !op.starts_with("stat") && !op.starts_with("get length") && !op.starts_with("read header") && !op.starts_with("read magic"));
-    if let (true, Error::Io { source, .. }) = (after_open, &e) {
-        return CliError::other(format!("Check failed: {}", strerror(source)));
-    }
-    if let Error::Unsupported { .. } = &e {
-        // Not a format check can handle (the engine decided it is raw, or uses something unsupported).
-        let text = e.to_string();
-        let reason = text
-            .strip_prefix(&format!("{path}: "))
-            .map(str::to_string)
-            .unwrap_or(text);
-        return CliError::other(format!("Check failed: {reason}"));
-    }
     let text = e.to_string();
     let reason = text
         .strip_prefix(&format!("{path}: "))
         .map(str::to_string)
-        .unwrap_or(text);
-    CliError::Open {
-        path: path.to_string(),
-        reason,
+        .unwrap_or_else(|| text.clone());
+    match &e {
+        Error::Io { op, source, .. } if !is_open_op(op) => {
+            CliError::other(format!("Check failed: {}", strerror(source)))
+        }
+        Error::Unsupported { .. } => CliError::other(format!("Check failed: {reason}")),
+        _ => CliError::Open {
+            path: path.to_string(),
+            reason,
+        },
     }
+}
+
+/// Whether an engine I/O operation belongs to opening the image (its failure is "Could not open").
+fn is_open_op(op: &str) -> bool {
+    ["open", "stat", "get length", "read header", "read magic"]
+        .iter()
+        .any(|p| op.starts_with(p))
 }
 
 /// An OS error as C's `strerror` words it (without Rust's " (os error N)").
