@@ -3,8 +3,6 @@
 //! after our `-r all` (and `-r leaks`), `qemu-img check` must agree with our own re-check, and where
 //! qemu-img can repair too, the fixed counts agree.
 
-use std::path::Path;
-
 mod check_common;
 
 use check_common::{assert_same, be64, field, ours, qemu_check, Layout};
