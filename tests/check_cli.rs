@@ -338,7 +338,6 @@ fn check_errors_match_qemu_img() {
 /// complete ("ERROR need to rebuild refcount
 /// structures", `Check failed: Input/output error`), `-r all` rebuilds the refcount structure.
 #[test]
-#[ignore = "see requests-cli.md: Check failed reason, Repairing lines after a rebuild"]
 fn check_rebuild_matches_qemu_img() {
     let w = Work::new();
     images::create(&w, "a.qcow2", "", 10 * MIB);
