@@ -4,7 +4,8 @@
 //! 1, lazy refcounts, v2, qcow2 and raw backing files, a tiny L2 cache) and runs 10 to 40 requests in
 //! rounds on a current-thread Tokio runtime. Within a round the requests (writes of every shape,
 //! zero writes with and without unmap, discards, reads, flushes) run concurrently as separate
-//! tasks, and every backend operation yields a seeded number of times before it takes effect, so a
+//! tasks, and every backend operation yields a seeded number of times before it takes effect
+//! (`FaultBackend::with_schedule`), so a
 //! seed is one reproducible interleaving of the engine's allocations, dependency waits and
 //! metadata I/O. After each round the whole disk is read and checked against the model
 //! (`sim/model.rs`: any serial order of the round's requests is allowed). After the last round
@@ -25,10 +26,10 @@
 //!
 //! Replay a failure: `SIM_SEED=1234 SIM_CONFIG=c4k cargo test -p qcow2-engine --test sim -- --nocapture`.
 
-#[path = "sim/backend.rs"]
-mod backend;
 #[path = "sim/model.rs"]
 mod model;
+#[path = "sim/rng.rs"]
+mod rng;
 #[path = "sim/workload.rs"]
 mod workload;
 
@@ -43,12 +44,14 @@ use bytes::Bytes;
 use qcow2_engine::{Image, ImageFormat, OpenOptions};
 use qcow2_testkit::{create_qcow2, path_str, qemu_img_raw, run, skip_without_qemu, TempDir};
 
-use backend::{Rng, SimBackend};
 use model::{Patterns, BASE_ID};
+use qcow2_io::FaultBackend;
+use rng::Rng;
 use workload::{Backing, Config, Kind, Req, CONFIGS};
 
-/// The backend under simulation.
-type B = SimBackend;
+/// The backend under simulation: `FaultBackend::with_schedule` makes every operation yield a seeded
+/// number of times before it takes effect.
+type B = FaultBackend;
 
 /// Seeds excluded because they reproduce a known engine bug (see /tmp/qcow2-plan/requests-sim.md).
 /// `(config, seed)`.
@@ -121,7 +124,7 @@ fn prepare(cfg: &'static Config) -> Prepared {
                     None,
                 );
                 let fresh = std::fs::read(d.join(name)).expect("read base");
-                let mem = SimBackend::new(fresh);
+                let mem = B::new(fresh);
                 let init = &initial;
                 rt().block_on(async {
                     let img = Image::open_backend(
@@ -310,7 +313,7 @@ async fn seed_body(p: &Prepared, seed: u64, verbose: bool) -> Result<SeedRun, St
     let cfg = p.cfg;
     let pats = Patterns::get();
     let mut rng = Rng::new(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0xD1CE);
-    let max_delay = rng.range(1, 4) as u32;
+    let max_delay = [1, 2, 3, 4, 6, 8][rng.below(6) as usize];
     let rounds = workload::generate(&mut rng, cfg);
     if verbose {
         eprintln!("seed {seed} on {}: max delay {max_delay}", cfg.name);
@@ -605,7 +608,7 @@ fn run_seed_with_schedule(p: &Prepared, seed: u64, sched: u64) -> Result<u64, St
     let local = tokio::task::LocalSet::new();
     rt.block_on(local.run_until(async {
         let mut rng = Rng::new(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0xD1CE);
-        let _ = rng.range(1, 4);
+        let _ = rng.below(6);
         let rounds = workload::generate(&mut rng, p.cfg);
         let be = B::new(p.top.clone()).with_schedule(sched.wrapping_mul(7919) + 1, 4);
         let img = open_top(p, be, None, false).await?;

@@ -16,7 +16,7 @@
 
 use std::sync::OnceLock;
 
-use crate::backend::Rng;
+use crate::rng::Rng;
 
 /// Period of the offset function of the patterns.
 pub const P: usize = 65521;

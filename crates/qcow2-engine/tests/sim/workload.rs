@@ -1,7 +1,7 @@
 //! Image configurations and random workloads.
 
-use crate::backend::Rng;
 use crate::model::{Mutation, MAX_ID};
+use crate::rng::Rng;
 
 /// The backing file of a configuration.
 #[derive(Debug, Clone, Copy)]
