@@ -40,7 +40,7 @@ use std::rc::Rc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use qcow2_engine::{Image, ImageFormat, OpenOptions};
 use qcow2_testkit::{create_qcow2, path_str, qemu_img_raw, run, skip_without_qemu, TempDir};
 
@@ -53,9 +53,16 @@ use workload::{Backing, Config, Kind, Req, CONFIGS};
 /// number of times before it takes effect.
 type B = FaultBackend;
 
-/// Seeds excluded because they reproduce a known engine bug (see /tmp/qcow2-plan/requests-sim.md).
-/// `(config, seed)`.
-const KNOWN_BUGS: &[(&str, u64)] = &[];
+/// Failures that reproduce a known engine bug, reported in /tmp/qcow2-plan/requests-sim.md (the lead
+/// owns the engine): `(config, a substring of the failure message)`. A matching failure is counted
+/// and listed as known, not as a failure; remove the entry once the bug is fixed.
+const KNOWN_BUGS: &[(&str, &str)] = &[
+    // BUG 1: a v2 zero write of part of an unallocated cluster allocates a fresh L2 table that is
+    // never written, so after close the L1 entry points past the end of the file (a reopen fails to
+    // read; qemu-img check: "region exceeding the end of the file"). Seeds 1960, 2090, 4794.
+    ("c4k-v2", "which is past the end of the file"),
+    ("c4k-v2", "exceeding the end of the file"),
+];
 
 /// An image configuration with its images made once (by qemu-img) and reused by every seed.
 struct Prepared {
@@ -178,6 +185,8 @@ struct Trace {
     rounds: u64,
     contested: u64,
     cross_unit_cycles: u64,
+    /// Read-write reopens in the middle of the run.
+    reopens: u64,
 }
 
 fn fnv(h: &mut u64, bytes: &[u8]) {
@@ -236,6 +245,12 @@ async fn read_all(img: &Image<B>, size: u64) -> Result<Vec<u8>, String> {
     Ok(v)
 }
 
+/// `SIM_TRACE=1`: print every request's start and completion.
+fn trace_requests() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("SIM_TRACE").is_some())
+}
+
 fn describe_round(round: &[Req]) -> String {
     round
         .iter()
@@ -262,6 +277,9 @@ async fn exec_round(
             for _ in 0..r.start_delay {
                 tokio::task::yield_now().await;
             }
+            if trace_requests() {
+                eprintln!("    start {r}");
+            }
             let res = match r.kind {
                 Kind::Write => img
                     .write_bytes(r.off, data.unwrap_or_default())
@@ -270,11 +288,19 @@ async fn exec_round(
                 Kind::Zero { unmap } => img.write_zeroes(r.off, r.len, unmap).await.map(|()| None),
                 Kind::Discard => img.discard(r.off, r.len).await.map(|()| None),
                 Kind::Flush => img.flush().await.map(|()| None),
-                Kind::Read => {
+                Kind::Read { owned: false } => {
                     let mut buf = vec![0u8; r.len as usize];
                     img.read(r.off, &mut buf).await.map(|()| Some(buf))
                 }
+                Kind::Read { owned: true } => {
+                    let mut buf = BytesMut::with_capacity(r.len as usize);
+                    buf.resize(r.len as usize, 0xa5);
+                    img.read_owned(r.off, buf).await.map(|b| Some(b.to_vec()))
+                }
             };
+            if trace_requests() {
+                eprintln!("    done #{}: {:?}", r.id, res.as_ref().map(|_| ()));
+            }
             order.borrow_mut().push(r.id);
             res
         }));
@@ -321,9 +347,10 @@ async fn seed_body(p: &Prepared, seed: u64, verbose: bool) -> Result<SeedRun, St
             eprintln!("  round {i}:\n{}", describe_round(r));
         }
     }
-    let be = B::new(p.top.clone()).with_schedule(seed, max_delay);
+    let lazy = cfg.opts.contains("lazy_refcounts=on");
+    let mut be = B::new(p.top.clone()).with_schedule(seed, max_delay);
     let base = open_base(p, Some((seed ^ 0xBA5E, max_delay))).await?;
-    let img = open_top(p, be.clone(), base, false).await?;
+    let mut img = open_top(p, be.clone(), base, false).await?;
     let mut state = read_all(&img, cfg.size).await?;
     if state != p.initial {
         let at = state
@@ -372,6 +399,45 @@ async fn seed_body(p: &Prepared, seed: u64, verbose: bool) -> Result<SeedRun, St
         trace.contested += stats.contested;
         trace.cross_unit_cycles += u64::from(stats.cross_unit_cycle);
         state = obs;
+        if ri + 1 < rounds.len() && rng.chance(1, 5) {
+            // Reopen read-write from the bytes: after a clean close, or (lazy refcounts) after a
+            // flush without close, so that the open rebuilds the refcounts of the dirty image.
+            let abandon = lazy && rng.chance(1, 2);
+            if abandon {
+                img.flush().await.map_err(|e| ctx(format!("flush: {e}")))?;
+            } else {
+                img.close().await.map_err(|e| ctx(format!("close: {e}")))?;
+            }
+            drop(img);
+            trace.reopens += 1;
+            let bytes = be.contents();
+            be = B::new(bytes).with_schedule(seed ^ ((ri as u64 + 1) << 32), max_delay);
+            let base = open_base(
+                p,
+                Some((seed ^ 0xBA5E ^ ((ri as u64 + 1) << 40), max_delay)),
+            )
+            .await?;
+            img = open_top(p, be.clone(), base, false).await.map_err(|e| {
+                ctx(format!(
+                    "reopen ({}): {e}",
+                    if abandon { "dirty" } else { "after close" }
+                ))
+            })?;
+            let again = read_all(&img, cfg.size)
+                .await
+                .map_err(|e| ctx(format!("after reopening: {e}")))?;
+            if again != state {
+                let at = again
+                    .iter()
+                    .zip(&state)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
+                return Err(ctx(format!(
+                    "after reopening ({}) the disk differs at byte {at}",
+                    if abandon { "dirty" } else { "after close" }
+                )));
+            }
+        }
     }
     img.flush().await.map_err(|e| format!("final flush: {e}"))?;
     img.close().await.map_err(|e| format!("close: {e}"))?;
@@ -515,10 +581,6 @@ fn simulation() {
     let mut per_config = vec![0u64; CONFIGS.len()];
     for (ci, seed) in list {
         let p = prepared(ci);
-        if KNOWN_BUGS.contains(&(p.cfg.name, seed)) && only_seed.is_none() {
-            excluded += 1;
-            continue;
-        }
         ran += 1;
         per_config[ci] += 1;
         let res = run_seed(p, seed, verbose).and_then(|r| {
@@ -534,6 +596,19 @@ fn simulation() {
                 total.rounds += r.trace.rounds;
                 total.contested += r.trace.contested;
                 total.cross_unit_cycles += r.trace.cross_unit_cycles;
+                total.reopens += r.trace.reopens;
+            }
+            Err(e)
+                if only_seed.is_none()
+                    && KNOWN_BUGS
+                        .iter()
+                        .any(|(c, sig)| *c == p.cfg.name && e.contains(sig)) =>
+            {
+                eprintln!(
+                    "sim: known bug (see requests-sim.md): config {} seed {seed}",
+                    p.cfg.name
+                );
+                excluded += 1;
             }
             Err(e) => {
                 eprintln!(
@@ -547,14 +622,15 @@ fn simulation() {
     }
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "sim: {ran} seeds, {} failures ({excluded} excluded as known bugs), {} requests in {} \
-         rounds, {} contested pieces, {} rounds with a cross-unit order cycle, {qemu_checked} \
-         checked by qemu-img, {secs:.1} s",
+        "sim: {ran} seeds, {} failures ({excluded} known-bug failures), {} requests in {} \
+         rounds, {} contested pieces, {} rounds with a cross-unit order cycle, {} reopens, \
+         {qemu_checked} checked by qemu-img, {secs:.1} s",
         failures.len(),
         total.requests,
         total.rounds,
         total.contested,
-        total.cross_unit_cycles
+        total.cross_unit_cycles,
+        total.reopens
     );
     for (i, c) in CONFIGS.iter().enumerate() {
         if per_config[i] > 0 {

@@ -177,9 +177,14 @@ pub static CONFIGS: &[Config] = &[
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Write,
-    Zero { unmap: bool },
+    Zero {
+        unmap: bool,
+    },
     Discard,
-    Read,
+    /// `owned`: through `Image::read_owned` instead of `Image::read`.
+    Read {
+        owned: bool,
+    },
     Flush,
 }
 
@@ -201,7 +206,8 @@ impl std::fmt::Display for Req {
             Kind::Zero { unmap: false } => "zero",
             Kind::Zero { unmap: true } => "zero-unmap",
             Kind::Discard => "discard",
-            Kind::Read => "read",
+            Kind::Read { owned: false } => "read",
+            Kind::Read { owned: true } => "read-owned",
             Kind::Flush => "flush",
         };
         if self.kind == Kind::Flush {
@@ -246,7 +252,9 @@ pub fn generate(rng: &mut Rng, cfg: &Config) -> Vec<Vec<Req>> {
                     unmap: rng.chance(1, 2),
                 },
                 63..=76 => Kind::Discard,
-                77..=92 => Kind::Read,
+                77..=92 => Kind::Read {
+                    owned: rng.chance(1, 2),
+                },
                 _ => Kind::Flush,
             };
             let (mut off, mut len) = shape(rng, cfg);
@@ -338,6 +346,6 @@ pub fn mutation(req: &Req, cfg: &Config) -> Option<Mutation> {
                 zero: true,
             })
         }
-        Kind::Read | Kind::Flush => None,
+        Kind::Read { .. } | Kind::Flush => None,
     }
 }
