@@ -24,6 +24,8 @@ pub struct Config {
     pub backing: Option<Backing>,
     /// `OpenOptions::l2_cache_bytes` (small ones force evictions of dirty slices).
     pub l2_cache: Option<u64>,
+    /// The overlay starts with data in compressed clusters (made by `qemu-img convert -c`).
+    pub compressed: bool,
 }
 
 impl Config {
@@ -63,6 +65,7 @@ pub static CONFIGS: &[Config] = &[
         opts: "",
         backing: None,
         l2_cache: None,
+        compressed: false,
     },
     Config {
         name: "c512-tinycache",
@@ -71,6 +74,7 @@ pub static CONFIGS: &[Config] = &[
         opts: "",
         backing: None,
         l2_cache: Some(1024),
+        compressed: false,
     },
     Config {
         name: "c4k",
@@ -79,6 +83,7 @@ pub static CONFIGS: &[Config] = &[
         opts: "",
         backing: None,
         l2_cache: None,
+        compressed: false,
     },
     Config {
         name: "c64k",
@@ -87,6 +92,7 @@ pub static CONFIGS: &[Config] = &[
         opts: "",
         backing: None,
         l2_cache: None,
+        compressed: false,
     },
     Config {
         name: "c4k-backing-oddsize",
@@ -98,6 +104,7 @@ pub static CONFIGS: &[Config] = &[
             cluster: 64 * K,
         }),
         l2_cache: None,
+        compressed: false,
     },
     Config {
         name: "c512-rawbacking-short",
@@ -106,6 +113,7 @@ pub static CONFIGS: &[Config] = &[
         opts: "",
         backing: Some(Backing::Raw { size: 96 * K + 512 }),
         l2_cache: None,
+        compressed: false,
     },
     Config {
         name: "c64k-extl2-backing",
@@ -117,6 +125,7 @@ pub static CONFIGS: &[Config] = &[
             cluster: 4 * K,
         }),
         l2_cache: None,
+        compressed: false,
     },
     Config {
         name: "c16k-extl2",
@@ -125,6 +134,7 @@ pub static CONFIGS: &[Config] = &[
         opts: "extended_l2=on",
         backing: None,
         l2_cache: None,
+        compressed: false,
     },
     Config {
         name: "c4k-rc1",
@@ -133,6 +143,7 @@ pub static CONFIGS: &[Config] = &[
         opts: "refcount_bits=1",
         backing: None,
         l2_cache: None,
+        compressed: false,
     },
     Config {
         name: "c4k-lazy",
@@ -141,6 +152,7 @@ pub static CONFIGS: &[Config] = &[
         opts: "lazy_refcounts=on",
         backing: None,
         l2_cache: None,
+        compressed: false,
     },
     Config {
         name: "c4k-v2",
@@ -149,6 +161,7 @@ pub static CONFIGS: &[Config] = &[
         opts: "compat=0.10",
         backing: None,
         l2_cache: None,
+        compressed: false,
     },
     Config {
         name: "c4k-v2-backing",
@@ -160,6 +173,7 @@ pub static CONFIGS: &[Config] = &[
             cluster: 4 * K,
         }),
         l2_cache: None,
+        compressed: false,
     },
     Config {
         name: "c32k-extl2-rc1-lazy-backing",
@@ -171,6 +185,52 @@ pub static CONFIGS: &[Config] = &[
             cluster: 64 * K,
         }),
         l2_cache: None,
+        compressed: false,
+    },
+    Config {
+        name: "c512-v2",
+        cluster: 512,
+        size: 128 * K,
+        opts: "compat=0.10",
+        backing: None,
+        l2_cache: None,
+        compressed: false,
+    },
+    Config {
+        name: "c4k-rc64",
+        cluster: 4 * K,
+        size: 256 * K,
+        opts: "refcount_bits=64",
+        backing: None,
+        l2_cache: None,
+        compressed: false,
+    },
+    Config {
+        name: "c4k-prealloc-metadata",
+        cluster: 4 * K,
+        size: 256 * K,
+        opts: "preallocation=metadata",
+        backing: None,
+        l2_cache: None,
+        compressed: false,
+    },
+    Config {
+        name: "c4k-compressed",
+        cluster: 4 * K,
+        size: 256 * K,
+        opts: "",
+        backing: None,
+        l2_cache: None,
+        compressed: true,
+    },
+    Config {
+        name: "c64k-extl2-compressed",
+        cluster: 64 * K,
+        size: 512 * K,
+        opts: "extended_l2=on",
+        backing: None,
+        l2_cache: None,
+        compressed: true,
     },
 ];
 
