@@ -65,6 +65,14 @@ const KNOWN_BUGS: &[(&str, &str)] = &[
     // c512-v2 seed 1093.
     ("-v2", "which is past the end of the file"),
     ("-v2", "exceeding the end of the file"),
+    // BUG 1b: the same fresh L2 table, seen by a check (or flush) concurrent with the first
+    // allocating write into it: the L1 entry is written before the table exists in the file.
+    // E.g. c4k-backing-oddsize seed 1156.
+    (
+        "",
+        "during the round: 1 corruptions, 0 check errors: ERROR: counting reference for region \
+         exceeding the end of the file",
+    ),
 ];
 
 /// An image configuration with its images made once (by qemu-img) and reused by every seed.
@@ -341,6 +349,22 @@ async fn exec_round(
                     buf.resize(r.len as usize, 0xa5);
                     img.read_owned(r.off, buf).await.map(|b| Some(b.to_vec()))
                 }
+                Kind::Check => match img.check(Repair::None).await {
+                    // Concurrent with the round's requests: allocations not linked yet and
+                    // deferred releases are leaks; anything else is wrong.
+                    Ok(rep) if rep.corruptions + rep.check_errors != 0 => {
+                        Err(qcow2_engine::Error::Corrupt {
+                            path: "top.qcow2".into(),
+                            detail: format!(
+                                "Image::check during the round: {} corruptions, {} check errors: {}",
+                                rep.corruptions,
+                                rep.check_errors,
+                                rep.messages.join("; ")
+                            ),
+                        })
+                    }
+                    other => other.map(|_| None),
+                },
             };
             if trace_requests() {
                 eprintln!("    done #{}: {:?}", r.id, res.as_ref().map(|_| ()));

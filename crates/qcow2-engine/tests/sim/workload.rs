@@ -246,6 +246,8 @@ pub enum Kind {
         owned: bool,
     },
     Flush,
+    /// `Image::check(Repair::None)` of the open image, concurrent with the other requests.
+    Check,
 }
 
 /// One request of a round.
@@ -269,9 +271,10 @@ impl std::fmt::Display for Req {
             Kind::Read { owned: false } => "read",
             Kind::Read { owned: true } => "read-owned",
             Kind::Flush => "flush",
+            Kind::Check => "check",
         };
-        if self.kind == Kind::Flush {
-            write!(f, "#{} flush", self.id)
+        if matches!(self.kind, Kind::Flush | Kind::Check) {
+            write!(f, "#{} {what}", self.id)
         } else {
             write!(
                 f,
@@ -315,7 +318,8 @@ pub fn generate(rng: &mut Rng, cfg: &Config) -> Vec<Vec<Req>> {
                 77..=92 => Kind::Read {
                     owned: rng.chance(1, 2),
                 },
-                _ => Kind::Flush,
+                93..=97 => Kind::Flush,
+                _ => Kind::Check,
             };
             let (mut off, mut len) = shape(rng, cfg);
             if rng.chance(1, 2) {
@@ -326,7 +330,7 @@ pub fn generate(rng: &mut Rng, cfg: &Config) -> Vec<Vec<Req>> {
             }
             off = off.min(cfg.size - 1);
             len = len.clamp(1, cfg.size - off);
-            if kind == Kind::Flush {
+            if matches!(kind, Kind::Flush | Kind::Check) {
                 (off, len) = (0, 0);
             }
             round.push(Req {
@@ -406,6 +410,6 @@ pub fn mutation(req: &Req, cfg: &Config) -> Option<Mutation> {
                 zero: true,
             })
         }
-        Kind::Read { .. } | Kind::Flush => None,
+        Kind::Read { .. } | Kind::Flush | Kind::Check => None,
     }
 }
