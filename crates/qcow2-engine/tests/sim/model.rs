@@ -99,6 +99,8 @@ pub struct Mutation {
     pub ranges: Vec<(u64, u64)>,
     /// Sets zeros (zero write, discard) rather than its data pattern.
     pub zero: bool,
+    /// Cancelled before it completed: it may have taken effect in some atomic units and not in others.
+    pub optional: bool,
 }
 
 impl Mutation {
@@ -342,6 +344,10 @@ pub fn check_state(
                     describe(pats, a, o)
                 ));
             }
+            return Ok(());
+        }
+        if o == &prev[a as usize..b as usize] && touch.iter().all(|&i| muts[i].optional) {
+            // Only cancelled requests touched it, and none of them took effect here.
             return Ok(());
         }
         let winners: Vec<usize> = touch

@@ -237,6 +237,10 @@ pub static CONFIGS: &[Config] = &[
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Write,
+    /// A write whose future is dropped after it was polled this many times (cancellation).
+    CancelledWrite {
+        polls: u32,
+    },
     Zero {
         unmap: bool,
     },
@@ -265,6 +269,7 @@ impl std::fmt::Display for Req {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let what = match self.kind {
             Kind::Write => "write",
+            Kind::CancelledWrite { .. } => "cancelled-write",
             Kind::Zero { unmap: false } => "zero",
             Kind::Zero { unmap: true } => "zero-unmap",
             Kind::Discard => "discard",
@@ -310,7 +315,10 @@ pub fn generate(rng: &mut Rng, cfg: &Config) -> Vec<Vec<Req>> {
             next_id += 1;
             debug_assert!(id <= MAX_ID);
             let kind = match rng.below(100) {
-                0..=47 => Kind::Write,
+                0..=44 => Kind::Write,
+                45..=47 => Kind::CancelledWrite {
+                    polls: rng.range(1, 12) as u32,
+                },
                 48..=62 => Kind::Zero {
                     unmap: rng.chance(1, 2),
                 },
@@ -388,11 +396,19 @@ pub fn mutation(req: &Req, cfg: &Config) -> Option<Mutation> {
             id: req.id,
             ranges: vec![(a, b)],
             zero: false,
+            optional: false,
+        }),
+        Kind::CancelledWrite { .. } => Some(Mutation {
+            id: req.id,
+            ranges: vec![(a, b)],
+            zero: false,
+            optional: true,
         }),
         Kind::Zero { .. } => Some(Mutation {
             id: req.id,
             ranges: vec![(a, b)],
             zero: true,
+            optional: false,
         }),
         Kind::Discard => {
             if cfg.v2() && cfg.backing.is_some() {
@@ -408,6 +424,7 @@ pub fn mutation(req: &Req, cfg: &Config) -> Option<Mutation> {
                 id: req.id,
                 ranges: vec![(start, end)],
                 zero: true,
+                optional: false,
             })
         }
         Kind::Read { .. } | Kind::Flush | Kind::Check => None,
