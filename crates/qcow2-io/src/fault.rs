@@ -337,6 +337,18 @@ impl FaultBackend {
         });
     }
 
+    /// How many failures armed with [`FaultBackend::fail_op`] have not fired yet, so a test that sweeps
+    /// the index `nth` knows when it has gone past the last operation of the workload.
+    pub fn armed_failures(&self) -> usize {
+        self.lock().failures.len()
+    }
+
+    /// Disarms every failure armed with [`FaultBackend::fail_op`] that has not fired yet, so that a
+    /// test's own verification reads are not hit by a failure meant for the workload.
+    pub fn clear_failures(&self) {
+        self.lock().failures.clear();
+    }
+
     /// Whether a flush has failed, which makes every later flush fail.
     pub fn flush_failed(&self) -> bool {
         self.lock().flush_failed
@@ -822,6 +834,7 @@ mod tests {
             b.flush().await.unwrap(); // not an any-write
             let e = b.punch_hole(0, 512).await.unwrap_err(); // any-write 3: fails EIO
             assert_eq!(e.raw_os_error(), Some(libc::EIO));
+            assert_eq!(b.armed_failures(), 1, "the read failure is still armed");
             w(3, 512).await.unwrap();
             let (r, buf) = b.read_at(BytesMut::zeroed(16), 0).await;
             assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
@@ -833,6 +846,10 @@ mod tests {
             want[512..768].fill(3);
             assert_eq!(&buf[..], &want[..]);
             assert_eq!(b.contents(), want);
+            assert_eq!(b.armed_failures(), 0);
+            b.fail_op(OpKind::Read, 0, InjectedError::Eio);
+            b.clear_failures();
+            assert!(b.read_at(BytesMut::zeroed(1), 0).await.0.is_ok());
         });
     }
 
