@@ -60,24 +60,9 @@ type B = FaultBackend;
 /// match. A matching failure is counted and listed as known, not as a failure; remove the entries
 /// once the bug is fixed.
 const KNOWN_BUGS: &[(&str, &[&str])] = &[
-    // BUG 1: a fresh L2 table (allocated past the end of the file, not written) that no entry is
-    // ever linked into: a v2 zero write of part of an unallocated cluster, or a write cancelled
-    // between allocation and linking. The L1 entry is written anyway, pointing past the end of the
-    // file: a reopen fails to read (e.g. c4k-v2 seed 2062, c512-tinycache seed 3169).
-    (
-        "",
-        &[
-            "points to an L2 table at",
-            "which is past the end of the file",
-        ],
-    ),
-    // BUG 1 and 1b: the same, seen by Image::check or qemu-img check; 1b: a check (or flush)
-    // concurrent with the first allocating write into a fresh L2 table writes the L1 entry before
-    // the table exists in the file (e.g. c4k-backing-oddsize seed 1156, c64k seed 1353).
-    (
-        "",
-        &["ERROR: counting reference for region exceeding the end of the file"],
-    ),
+    // None open. Fixed on main: BUG 1/1b/1c (fresh L2 tables left unwritten: v2 zero writes,
+    // checks/flushes concurrent with the first write into a new table, cancelled writes), and the
+    // lazy-refcounts leak after a crash following a flush (observation 2).
 ];
 
 /// An image configuration with its images made once (by qemu-img) and reused by every seed.
@@ -242,7 +227,7 @@ struct Trace {
     checks: u64,
     /// Leaks those checks of the open image reported (deferred releases).
     open_leaks: u64,
-    /// Leaks of final images of runs with a simulated crash or a cancelled write (allowed).
+    /// Leaks of final images of runs with a cancelled write (allowed).
     crash_leaks: u64,
 }
 
@@ -420,8 +405,7 @@ struct SeedRun {
     image: Vec<u8>,
     /// The final disk contents (model).
     disk: Vec<u8>,
-    /// The run dropped a handle without closing it (a crash after a flush) or cancelled a write:
-    /// leaks are allowed.
+    /// The run cancelled a write (its allocated, never linked clusters leak): leaks are allowed.
     leaks_allowed: bool,
 }
 
@@ -519,11 +503,10 @@ async fn seed_body(p: &Prepared, seed: u64, verbose: bool) -> Result<SeedRun, St
         if ri + 1 < rounds.len() && rng.chance(1, 5) {
             // Reopen read-write from the bytes: after a clean close, or (lazy refcounts) after a
             // flush without close, so that the open rebuilds the refcounts of the dirty image.
+            // Dropping the handle without close is a crash after a flush. With lazy refcounts the
+            // image is dirty whenever its refcount blocks lag (also after releases only), so the
+            // reopen rebuilds them: no leak is allowed for it.
             let abandon = lazy && rng.chance(1, 2);
-            // Dropping the handle without close is a crash after a flush: the image may leak
-            // (e.g. releases applied in memory whose refcount blocks were not written, on an
-            // image whose dirty bit was not set), so leaks are allowed from here on.
-            leaks_allowed |= abandon;
             if abandon {
                 img.flush().await.map_err(|e| ctx(format!("flush: {e}")))?;
             } else {
@@ -664,7 +647,7 @@ fn qemu_checks(p: &Prepared, seed: u64, run_: &SeedRun) -> Result<(), String> {
         &["check", "-f", "qcow2", "--output=json", &name],
     );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    // Exit 3 is "leaks only", which a run with a simulated crash may have; the counts decide.
+    // Exit 3 is "leaks only", which a run with a cancelled write may have; the counts decide.
     let res = if !(out.status.success() || run_.leaks_allowed && out.status.code() == Some(3)) {
         Err(format!(
             "qemu-img check of the final image failed ({}): {text}{}",
@@ -787,7 +770,7 @@ fn simulation() {
     println!(
         "sim: {ran} seeds, {} failures ({excluded} known-bug failures), {} requests in {} \
          rounds, {} contested pieces, {} rounds with a cross-unit order cycle, {} reopens, \
-         {} Image::check runs ({} leaks on open images, {} after simulated crashes or cancelled writes), {qemu_checked} checked by qemu-img, \
+         {} Image::check runs ({} leaks on open images, {} after cancelled writes), {qemu_checked} checked by qemu-img, \
          {secs:.1} s",
         failures.len(),
         total.requests,
