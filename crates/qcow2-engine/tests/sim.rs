@@ -229,6 +229,8 @@ struct Trace {
     open_leaks: u64,
     /// Leaks of final images of runs with a cancelled write (allowed).
     crash_leaks: u64,
+    /// Block-status extents whose host bytes were compared with the guest data.
+    host_extents: u64,
 }
 
 fn fnv(h: &mut u64, bytes: &[u8]) {
@@ -399,6 +401,58 @@ async fn exec_round(
     Ok((reads, order))
 }
 
+/// Walks `Image::block_status` over the whole disk of a quiescent image: extents that report zeros
+/// must read as zeros, and data the top image holds at a host offset must be the guest data there.
+/// Returns how many extents were compared with the host bytes.
+async fn check_block_status(img: &Image<B>, be: &B, state: &[u8]) -> Result<u64, String> {
+    let size = state.len() as u64;
+    let mut compared = 0;
+    let host = be.contents();
+    let mut off = 0;
+    while off < size {
+        let st = img
+            .block_status(off, size - off)
+            .await
+            .map_err(|e| format!("block_status({off}): {e}"))?;
+        if st.len == 0 || st.len > size - off {
+            return Err(format!("block_status({off}) returned length {}", st.len));
+        }
+        let guest = &state[off as usize..(off + st.len) as usize];
+        if st.zero && guest.iter().any(|&b| b != 0) {
+            return Err(format!(
+                "[{off}, {}) reported as zeros ({st:?}) holds {}",
+                off + st.len,
+                model::describe(Patterns::get(), off, guest)
+            ));
+        }
+        if let (0, true, false, false, Some(h)) =
+            (st.depth, st.data, st.zero, st.compressed, st.offset)
+        {
+            let mut on_host = vec![0u8; st.len as usize];
+            let h = h as usize;
+            if h < host.len() {
+                let n = (host.len() - h).min(on_host.len());
+                on_host[..n].copy_from_slice(&host[h..h + n]);
+            }
+            compared += 1;
+            if on_host != guest {
+                let at = on_host
+                    .iter()
+                    .zip(guest)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
+                return Err(format!(
+                    "[{off}, {}) mapped to host {h:#x} ({st:?}): the host bytes differ from the \
+                     guest data at +{at}",
+                    off + st.len
+                ));
+            }
+        }
+        off += st.len;
+    }
+    Ok(compared)
+}
+
 struct SeedRun {
     trace: Trace,
     /// The final image bytes (for the qemu-img checks).
@@ -478,6 +532,11 @@ async fn seed_body(p: &Prepared, seed: u64, verbose: bool) -> Result<SeedRun, St
         trace.contested += stats.contested;
         trace.cross_unit_cycles += u64::from(stats.cross_unit_cycle);
         state = obs;
+        if rng.chance(1, 2) {
+            trace.host_extents += check_block_status(&img, &be, &state)
+                .await
+                .map_err(|e| ctx(format!("block status after the round: {e}")))?;
+        }
         if rng.chance(1, 3) {
             // Our check of the open image between rounds (it writes the metadata back first): no
             // corruption. Leaks are allowed here: releases can still be deferred.
@@ -743,6 +802,7 @@ fn simulation() {
                 total.checks += r.trace.checks;
                 total.open_leaks += r.trace.open_leaks;
                 total.crash_leaks += r.trace.crash_leaks;
+                total.host_extents += r.trace.host_extents;
             }
             Err(e)
                 if only_seed.is_none()
@@ -770,7 +830,7 @@ fn simulation() {
     println!(
         "sim: {ran} seeds, {} failures ({excluded} known-bug failures), {} requests in {} \
          rounds, {} contested pieces, {} rounds with a cross-unit order cycle, {} reopens, \
-         {} Image::check runs ({} leaks on open images, {} after cancelled writes), {qemu_checked} checked by qemu-img, \
+         {} Image::check runs ({} leaks on open images, {} after cancelled writes), {} block-status extents compared with the host, {qemu_checked} checked by qemu-img, \
          {secs:.1} s",
         failures.len(),
         total.requests,
@@ -780,7 +840,8 @@ fn simulation() {
         total.reopens,
         total.checks,
         total.open_leaks,
-        total.crash_leaks
+        total.crash_leaks,
+        total.host_extents
     );
     for (i, c) in CONFIGS.iter().enumerate() {
         if per_config[i] > 0 {
