@@ -28,6 +28,8 @@
 //!
 //! Replay a failure: `SIM_SEED=1234 SIM_CONFIG=c4k cargo test -p qcow2-engine --test sim -- --nocapture`.
 
+#[path = "sim/images.rs"]
+mod images;
 #[path = "sim/model.rs"]
 mod model;
 #[path = "sim/rng.rs"]
@@ -44,16 +46,17 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use qcow2_engine::{Image, ImageFormat, OpenOptions, Repair};
-use qcow2_testkit::{create_qcow2, path_str, qemu_img_raw, run, skip_without_qemu, TempDir};
+use qcow2_testkit::{path_str, qemu_img_raw, run, skip_without_qemu};
 
-use model::{Patterns, BASE_ID};
+use images::{prepared, Prepared};
+use model::Patterns;
 use qcow2_io::FaultBackend;
 use rng::Rng;
-use workload::{Backing, Config, Kind, Req, CONFIGS};
+use workload::{Config, Kind, Req, CONFIGS};
 
 /// The backend under simulation: `FaultBackend::with_schedule` makes every operation yield a seeded
 /// number of times before it takes effect.
-type B = FaultBackend;
+pub(crate) type B = FaultBackend;
 
 /// Failures that reproduce a known engine bug, reported in /tmp/qcow2-plan/requests-sim.md (the lead
 /// owns the engine): `(part of the config name, parts of the failure message)`, all of which must
@@ -65,151 +68,11 @@ const KNOWN_BUGS: &[(&str, &[&str])] = &[
     // lazy-refcounts leak after a crash following a flush (observation 2).
 ];
 
-/// An image configuration with its images made once (by qemu-img) and reused by every seed.
-struct Prepared {
-    cfg: &'static Config,
-    dir: TempDir,
-    top: Vec<u8>,
-    base: Option<(Vec<u8>, ImageFormat, &'static str)>,
-    /// The disk as the fresh overlay reads (the backing data, zeros elsewhere).
-    initial: Vec<u8>,
-}
-
-fn prepared(i: usize) -> &'static Prepared {
-    static PREP: OnceLock<Vec<OnceLock<Prepared>>> = OnceLock::new();
-    let all = PREP.get_or_init(|| CONFIGS.iter().map(|_| OnceLock::new()).collect());
-    all[i].get_or_init(|| prepare(&CONFIGS[i]))
-}
-
-fn rt() -> tokio::runtime::Runtime {
+pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
         .expect("runtime")
-}
-
-/// Which 4 KiB blocks of the backing file hold data.
-fn base_block_has_data(i: u64) -> bool {
-    (i * 7 + i / 5) % 4 != 3
-}
-
-fn prepare(cfg: &'static Config) -> Prepared {
-    let dir = qcow2_testkit::temp_dir();
-    let d = dir.path();
-    let pats = Patterns::get();
-    let mut initial = vec![0u8; cfg.size as usize];
-    let base = cfg.backing.map(|b| {
-        let (size, name) = match b {
-            Backing::Qcow2 { size, .. } => (size, "base.qcow2"),
-            Backing::Raw { size } => (size, "base.raw"),
-        };
-        let mut ranges = Vec::new();
-        let mut o = 0;
-        while o < size {
-            let n = (size - o).min(4096);
-            if base_block_has_data(o / 4096) {
-                ranges.push((o, n));
-                initial[o as usize..(o + n) as usize]
-                    .copy_from_slice(&pats.fill(BASE_ID, o, n as usize));
-            }
-            o += n;
-        }
-        let (bytes, fmt) = match b {
-            Backing::Raw { size } => {
-                let mut v = vec![0u8; size as usize];
-                for &(o, n) in &ranges {
-                    v[o as usize..(o + n) as usize]
-                        .copy_from_slice(&initial[o as usize..(o + n) as usize]);
-                }
-                (v, ImageFormat::Raw)
-            }
-            Backing::Qcow2 { size, cluster } => {
-                create_qcow2(
-                    d,
-                    name,
-                    &size.to_string(),
-                    &format!("cluster_size={cluster}"),
-                    None,
-                );
-                let fresh = std::fs::read(d.join(name)).expect("read base");
-                let mem = B::new(fresh);
-                let init = &initial;
-                rt().block_on(async {
-                    let img = Image::open_backend(
-                        mem.clone(),
-                        name,
-                        &OpenOptions {
-                            read_only: false,
-                            format: Some(ImageFormat::Qcow2),
-                            ..OpenOptions::default()
-                        },
-                    )
-                    .await
-                    .expect("open base");
-                    for &(o, n) in &ranges {
-                        img.write(o, &init[o as usize..(o + n) as usize])
-                            .await
-                            .expect("fill base");
-                    }
-                    img.close().await.expect("close base");
-                });
-                (mem.contents(), ImageFormat::Qcow2)
-            }
-        };
-        std::fs::write(d.join(name), &bytes).expect("write base");
-        (bytes, fmt, name)
-    });
-    let backing_arg = base.as_ref().map(|(_, fmt, name)| (*name, fmt.name()));
-    if cfg.compressed {
-        // Compressible data that still names its sector: each sector repeats
-        // [sector number (7 bytes), 0xC0]. Some 4 KiB blocks stay empty.
-        assert!(
-            base.is_none(),
-            "compressed configurations have no backing file"
-        );
-        for (i, sector) in initial.chunks_mut(512).enumerate() {
-            if base_block_has_data(i as u64 / 8 + 1) {
-                let mut label = (i as u64).to_le_bytes();
-                label[7] = 0xC0;
-                for w in sector.chunks_mut(8) {
-                    w.copy_from_slice(&label[..w.len()]);
-                }
-            }
-        }
-        std::fs::write(d.join("top.raw"), &initial).expect("write top.raw");
-        qcow2_testkit::qemu_img(
-            d,
-            &[
-                "convert",
-                "-q",
-                "-c",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                "-o",
-                &cfg.create_opts(),
-                "top.raw",
-                "top.qcow2",
-            ],
-        );
-    } else {
-        create_qcow2(
-            d,
-            "top.qcow2",
-            &cfg.size.to_string(),
-            &cfg.create_opts(),
-            backing_arg,
-        );
-    }
-    let top = std::fs::read(d.join("top.qcow2")).expect("read top");
-    Prepared {
-        cfg,
-        dir,
-        top,
-        base,
-        initial,
-    }
 }
 
 /// What a seed's run produced, for the determinism check and the figures.
@@ -906,76 +769,4 @@ fn run_seed_with_schedule(p: &Prepared, seed: u64, sched: u64) -> Result<u64, St
         }
         Ok(h)
     }))
-}
-
-/// The model rejects what it must: a lost write, a value moved to another offset, stale data over a
-/// contested piece, and a round that no serial order explains within one unit.
-#[test]
-fn model_catches_wrong_states() {
-    use model::{check_read, check_state, Mutation};
-    let pats = Patterns::get();
-    let size = 8192usize;
-    let prev = vec![0u8; size];
-    let w = |id, a, b| Mutation {
-        id,
-        ranges: vec![(a, b)],
-        zero: false,
-        optional: false,
-    };
-    let put = |v: &mut Vec<u8>, id, a: u64, b: u64| {
-        v[a as usize..b as usize].copy_from_slice(&pats.fill(id, a, (b - a) as usize));
-    };
-    // Two overlapping writes, #1 then #2: fine; #2 then #1: fine too (any serial order).
-    let muts = vec![w(1, 0, 3000), w(2, 1000, 5000)];
-    let mut ok12 = prev.clone();
-    put(&mut ok12, 1, 0, 3000);
-    put(&mut ok12, 2, 1000, 5000);
-    check_state(pats, &prev, &ok12, &muts, 4096).expect("serial order #1, #2");
-    let mut ok21 = prev.clone();
-    put(&mut ok21, 2, 1000, 5000);
-    put(&mut ok21, 1, 0, 3000);
-    check_state(pats, &prev, &ok21, &muts, 4096).expect("serial order #2, #1");
-    // Torn within a unit: #1 wins [1000, 2048), #2 wins [2048, 3000) of one 4 KiB unit.
-    let mut torn = ok12.clone();
-    put(&mut torn, 1, 1000, 2048);
-    let e = check_state(pats, &prev, &torn, &muts, 4096).unwrap_err();
-    assert!(e.contains("no serial order"), "{e}");
-    // The same split at a unit boundary is allowed (with 1 KiB units) but counted.
-    let s = check_state(pats, &prev, &torn, &muts, 1024).expect("cross-unit split");
-    assert!(s.cross_unit_cycle);
-    // A lost write: #2's range still zero.
-    let mut lost = prev.clone();
-    put(&mut lost, 1, 0, 3000);
-    let e = check_state(pats, &prev, &lost, &muts, 4096).unwrap_err();
-    assert!(e.contains("zeros"), "{e}");
-    // Data moved: #1's data written 512 bytes too far.
-    let mut moved = ok12.clone();
-    moved[..512].fill(0);
-    let shifted = pats.fill(1, 0, 512);
-    moved[512..1024].copy_from_slice(&shifted);
-    assert!(check_state(pats, &prev, &moved, &muts, 4096).is_err());
-    // A change outside every request.
-    let mut stray = ok12.clone();
-    stray[7000] = 1;
-    let e = check_state(pats, &prev, &stray, &muts, 4096).unwrap_err();
-    assert!(e.contains("touched by no request"), "{e}");
-    // Zeroing requests: several can explain a zero piece.
-    let z = |id, a, b| Mutation {
-        id,
-        ranges: vec![(a, b)],
-        zero: true,
-        optional: false,
-    };
-    let muts = vec![w(1, 0, 4096), z(2, 0, 2048), z(3, 1024, 4096)];
-    let mut zs = prev.clone();
-    put(&mut zs, 1, 0, 4096);
-    zs[..4096].fill(0);
-    check_state(pats, &prev, &zs, &muts, 4096).expect("zeros explained by #2 and #3");
-    // Reads: old, new or a byte mix of them; nothing else.
-    let muts = vec![w(1, 0, 3000)];
-    let mut mix = pats.fill(1, 0, 1024);
-    mix[100..200].fill(0);
-    check_read(pats, &prev, 0, &mix, &muts).expect("a mix of old and new");
-    let other = pats.fill(2, 0, 1024);
-    assert!(check_read(pats, &prev, 0, &other, &muts).is_err());
 }
