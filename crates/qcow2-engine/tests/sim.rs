@@ -1,16 +1,18 @@
 //! Deterministic simulation of concurrent random workloads on the engine, compared with a model.
 //!
-//! Each seed picks an image configuration (cluster sizes 512 B to 64 KiB, extended L2, refcount width
-//! 1, lazy refcounts, v2, qcow2 and raw backing files, a tiny L2 cache) and runs 10 to 40 requests in
-//! rounds on a current-thread Tokio runtime. Within a round the requests (writes of every shape,
-//! zero writes with and without unmap, discards, reads, flushes) run concurrently as separate
-//! tasks, and every backend operation yields a seeded number of times before it takes effect
-//! (`FaultBackend::with_schedule`), so a
-//! seed is one reproducible interleaving of the engine's allocations, dependency waits and
-//! metadata I/O. After each round the whole disk is read and checked against the model
-//! (`sim/model.rs`: any serial order of the round's requests is allowed). After the last round
-//! the image is flushed and closed, reopened from its bytes and compared again; a sample of seeds is
-//! checked by `qemu-img check` (no corruption, no leak) and read by `qemu-img convert`.
+//! Each seed picks an image configuration (`sim/workload.rs`: cluster sizes 512 B to 64 KiB, extended
+//! L2, refcount widths 1/16/64, lazy refcounts, v2, qcow2 and raw backing files, a tiny L2 cache,
+//! metadata preallocation, compressed clusters) and runs 10 to 40 requests in rounds on a
+//! current-thread Tokio runtime. Within a round the requests (writes of every shape, cancelled
+//! writes, zero writes with and without unmap, discards, reads, flushes, checks) run concurrently as
+//! separate tasks, and every backend operation yields a seeded number of times before it takes
+//! effect (`FaultBackend::with_schedule`), so a seed is one reproducible interleaving of the engine's
+//! allocations, dependency waits and metadata I/O. After each round the whole disk is read and
+//! checked against the model (`sim/model.rs`: any serial order of the round's requests is allowed),
+//! and sometimes block status is checked, the open image is checked (`Image::check`) or it is
+//! reopened from its bytes. After the last round the image is flushed and closed, reopened from its
+//! bytes, compared again and checked by `Image::check` (no corruption, no leak); a sample of seeds is
+//! also checked by `qemu-img check` and read by `qemu-img convert`.
 //!
 //! Atomicity: the model requires a serial order per atomic unit (a cluster, or a subcluster with
 //! extended L2), not across the whole disk. A request that spans units is served in several host
@@ -18,9 +20,8 @@
 //! legitimately win one unit each, as on any block device (QEMU gives no more); the count of rounds
 //! where that happened is printed.
 //!
-//! Knobs (environment): `SIM_SEEDS=N` (default 5200) seeds `F..F+N` with `SIM_FIRST_SEED=F` (default
-//! 0), the configuration of seed `s`
-//! being `CONFIGS[s % CONFIGS.len()]`; `SIM_SEED=S` runs only seed `S` (printing its workload);
+//! Knobs (environment): `SIM_SEEDS=N` (default 5200) seeds `F..F+N` with `SIM_FIRST_SEED=F`
+//! (default 0), the configuration of seed `s` being `CONFIGS[s % CONFIGS.len()]`; `SIM_SEED=S` runs only seed `S` (printing its workload);
 //! `SIM_CONFIG=NAME` runs only the seeds of that configuration (with `SIM_SEED`: that seed on that
 //! configuration); `SIM_QEMU_EVERY=K` (default 50) runs `qemu-img check` and `convert` on every
 //! K-th seed (0: never); `SIM_TRACE=1` prints every request's start and completion; `SIM_STRICT=1`

@@ -294,7 +294,7 @@ impl std::fmt::Display for Req {
     }
 }
 
-/// The rounds of one seed: 10 to 40 requests in 2 to 6 rounds.
+/// The rounds of one seed: 10 to 40 requests in rounds of 2 to 12.
 pub fn generate(rng: &mut Rng, cfg: &Config) -> Vec<Vec<Req>> {
     let total = rng.range(10, 40);
     let mut rounds = Vec::new();
