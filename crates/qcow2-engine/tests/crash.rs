@@ -814,29 +814,28 @@ fn crash_consistency() {
         .filter(|c| config.as_ref().is_none_or(|n| n == c.name))
         .collect();
     assert!(!configs.is_empty(), "no configuration named {only:?}");
-    // Two threads, each with its own current-thread runtime: the configurations are independent.
+    // Two threads, each with its own current-thread runtimes, take configurations from a shared queue,
+    // the most expensive first (bytes per image times cuts), so that they finish together.
+    let mut queue = configs.clone();
+    queue.sort_by_key(|c| std::cmp::Reverse(c.size.max(c.prefill) * c.seeds * c.cuts));
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<(Stats, Vec<String>, &str, f64)> = std::thread::scope(|sc| {
-        let (a, b): (Vec<_>, Vec<_>) = configs.iter().enumerate().partition(|(i, _)| i % 2 == 0);
-        let handles: Vec<_> = [a, b]
-            .into_iter()
-            .map(|part| {
-                let only = only.clone();
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                let (only, queue, next) = (only.clone(), &queue, &next);
                 sc.spawn(move || {
-                    part.into_iter()
-                        .map(|(_, cfg)| {
-                            let t = Instant::now();
-                            let mut stats = Stats::default();
-                            let sel = only.as_ref().map(|(_, s, k)| [(*s, *k)]);
-                            let f = run_config(
-                                cfg,
-                                sel.as_ref().map(|a| &a[..]),
-                                scale,
-                                &mut stats,
-                                true,
-                            );
-                            (stats, f, cfg.name, t.elapsed().as_secs_f64())
-                        })
-                        .collect::<Vec<_>>()
+                    let mut out = Vec::new();
+                    while let Some(cfg) =
+                        queue.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                    {
+                        let t = Instant::now();
+                        let mut stats = Stats::default();
+                        let sel = only.as_ref().map(|(_, s, k)| [(*s, *k)]);
+                        let f =
+                            run_config(cfg, sel.as_ref().map(|a| &a[..]), scale, &mut stats, true);
+                        out.push((stats, f, cfg.name, t.elapsed().as_secs_f64()));
+                    }
+                    out
                 })
             })
             .collect();

@@ -397,7 +397,7 @@ fn injected_errors_fail_only_their_request() {
         ),
         (OpKind::SetLen, &[InjectedError::Eio, InjectedError::Enospc]),
         (OpKind::PunchHole, &[InjectedError::Eio]),
-        (OpKind::Flush, &[InjectedError::Eio]),
+        (OpKind::Flush, &[InjectedError::Eio, InjectedError::Enospc]),
         (OpKind::Read, &[InjectedError::Eio]),
     ];
     for cfg in CONFIGS {
