@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common_fault::{
-    decode, pattern, qemu_check_bytes, qemu_create, read_range, ro, runtime, rw, Rng, Val,
-    BACKING_ID, SECTOR,
+    backing_val, decode, make_backing, pattern, qemu_check_bytes, qemu_create, read_range, ro,
+    runtime, rw, Rng, Val, SECTOR,
 };
 use qcow2_engine::{Image, OpenOptions, Repair};
 use qcow2_io::{CutMode, FaultBackend};
@@ -418,11 +418,6 @@ fn allowed(cfg: &Config, log: &Log) -> Vec<Vec<Val>> {
         .collect()
 }
 
-/// The backing image's value of sector `s` (distinct per sector, so misplaced reads show).
-fn backing_val(s: u64) -> u64 {
-    BACKING_ID ^ s
-}
-
 /// Everything a configuration's cuts share.
 struct Prepared {
     dir: TempDir,
@@ -441,24 +436,7 @@ async fn prepare(cfg: &Config) -> Prepared {
     let mut backing = None;
     if cfg.backing {
         // The backing image: every sector carries its own pattern, written through the engine.
-        let base = qemu_create(d, "base.qcow2", cfg.size, "", None);
-        let be = FaultBackend::new(base);
-        let img = Image::open_backend(be.clone(), "base.qcow2", &rw())
-            .await
-            .expect("open backing");
-        let chunk = MIB / SECTOR;
-        for c in 0..cfg.size / MIB {
-            let mut buf = Vec::with_capacity(MIB as usize);
-            for s in c * chunk..(c + 1) * chunk {
-                buf.extend(pattern(backing_val(s), s, 1));
-            }
-            img.write_bytes(c * MIB, Bytes::from(buf))
-                .await
-                .expect("fill backing");
-        }
-        img.close().await.expect("close backing");
-        let bytes = be.contents();
-        std::fs::write(d.join("base.qcow2"), &bytes).expect("write backing");
+        let bytes = make_backing(d, cfg.size).await;
         backing = Some(
             Image::open_backend(FaultBackend::new(bytes), "base.qcow2", &ro())
                 .await

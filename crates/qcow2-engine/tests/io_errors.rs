@@ -24,7 +24,8 @@ mod common_fault;
 
 use bytes::Bytes;
 use common_fault::{
-    check_both, decode, pattern, qemu_create, read_range, ro, runtime, rw, Rng, Val, SECTOR,
+    backing_val, check_both, decode, make_backing, open_over, pattern, qemu_create, read_range, ro,
+    runtime, rw, Rng, Val, SECTOR,
 };
 use qcow2_engine::Image;
 use qcow2_io::{FaultBackend, InjectedError, OpKind};
@@ -39,6 +40,8 @@ struct Config {
     /// Lazy refcounts: the on-disk refcounts may lag until a repairing open or a clean close, so the
     /// bytes are checked only after one of those.
     lazy: bool,
+    /// Over a backing file (64 KiB clusters) whose sectors all carry data: COW reads from it.
+    backing: bool,
 }
 
 const CONFIGS: &[Config] = &[
@@ -48,6 +51,7 @@ const CONFIGS: &[Config] = &[
         cluster: 64 << 10,
         size: 2 << 20,
         lazy: false,
+        backing: false,
     },
     Config {
         name: "c512-refcount1",
@@ -55,6 +59,7 @@ const CONFIGS: &[Config] = &[
         cluster: 512,
         size: 256 << 10,
         lazy: false,
+        backing: false,
     },
     Config {
         name: "c64k-lazy",
@@ -62,6 +67,15 @@ const CONFIGS: &[Config] = &[
         cluster: 64 << 10,
         size: 2 << 20,
         lazy: true,
+        backing: false,
+    },
+    Config {
+        name: "c64k-backing",
+        opts: "",
+        cluster: 64 << 10,
+        size: 2 << 20,
+        lazy: false,
+        backing: true,
     },
     Config {
         name: "c64k-extl2",
@@ -69,6 +83,7 @@ const CONFIGS: &[Config] = &[
         cluster: 64 << 10,
         size: 2 << 20,
         lazy: false,
+        backing: false,
     },
 ];
 
@@ -132,6 +147,15 @@ impl Model {
         }
     }
 
+    /// Over the backing image of [`make_backing`].
+    fn over_backing(sectors: u64) -> Model {
+        Model {
+            allowed: (0..sectors)
+                .map(|s| vec![Val::Id(backing_val(s))])
+                .collect(),
+        }
+    }
+
     /// A request that succeeded sets the value; one that failed adds it as a possibility.
     fn set(&mut self, sector: u64, n: u64, v: impl Fn(u64) -> Val, ok: bool) {
         for s in sector..sector + n {
@@ -184,24 +208,27 @@ fn hit_known_bug_l1(errors: &[String]) -> bool {
     errors.iter().any(|e| e.contains("write L1 table"))
 }
 
-/// Runs the workload with `fail_op(kind, nth, err)` armed and checks everything listed in the module
-/// docs. `Err` describes a violation.
+/// Runs the workload `wseed` with `fail_op(kind, nth, err)` (`inject`) armed and checks everything
+/// listed in the module docs. `Err` describes a violation.
 async fn one_run(
     cfg: &Config,
-    base: &[u8],
+    (base, backing): (&[u8], Option<&[u8]>),
     dir: &std::path::Path,
-    kind: OpKind,
-    nth: u64,
-    err: InjectedError,
+    inject: (OpKind, u64, InjectedError),
     wseed: u64,
 ) -> Result<Outcome, String> {
+    let (kind, nth, err) = inject;
     let backend = FaultBackend::new(base.to_vec());
-    let img = Image::open_backend(backend.clone(), cfg.name, &rw())
+    let img = open_over(backend.clone(), cfg.name, &rw(), backing)
         .await
         .map_err(|e| format!("open: {e}"))?;
     backend.fail_op(kind, nth, err);
     let sectors = cfg.size / SECTOR;
-    let mut model = Model::new(sectors);
+    let mut model = if backing.is_some() {
+        Model::over_backing(sectors)
+    } else {
+        Model::new(sectors)
+    };
     let mut failed: Vec<Req> = Vec::new();
     let mut errors: Vec<String> = Vec::new();
     let mut first_op = None;
@@ -327,7 +354,7 @@ async fn one_run(
         if cfg.lazy {
             // The handle cannot close: repair the dirty image with a fresh read-write open.
             let again = FaultBackend::new(bytes);
-            let img = Image::open_backend(again.clone(), cfg.name, &rw())
+            let img = open_over(again.clone(), cfg.name, &rw(), backing)
                 .await
                 .map_err(|e| format!("repairing open after the sticky failure: {e}"))?;
             img.close()
@@ -352,7 +379,7 @@ async fn one_run(
     check_both(dir, "closed.qcow2", &bytes)
         .await
         .map_err(|e| format!("after close: {e}"))?;
-    let fresh_img = Image::open_backend(FaultBackend::new(bytes), "closed", &ro())
+    let fresh_img = open_over(FaultBackend::new(bytes), "closed", &ro(), backing)
         .await
         .map_err(|e| format!("reopen after close: {e}"))?;
     if hit_known_bug_l1(&errors) {
@@ -401,12 +428,16 @@ fn injected_errors_fail_only_their_request() {
         (OpKind::Read, &[InjectedError::Eio]),
     ];
     for cfg in CONFIGS {
+        let backing = match cfg.backing {
+            true => Some(rt.block_on(make_backing(dir.path(), cfg.size))),
+            false => None,
+        };
         let base = qemu_create(
             dir.path(),
             &format!("{}.qcow2", cfg.name),
             cfg.size,
             cfg.opts,
-            None,
+            cfg.backing.then_some("base.qcow2"),
         );
         for wseed in WORKLOAD_SEEDS {
             for &(kind, errs) in &kinds {
@@ -415,7 +446,13 @@ fn injected_errors_fail_only_their_request() {
                     let mut nth = 0;
                     loop {
                         let out = rt
-                            .block_on(one_run(cfg, &base, dir.path(), kind, nth, err, wseed))
+                            .block_on(one_run(
+                                cfg,
+                                (&base, backing.as_deref()),
+                                dir.path(),
+                                (kind, nth, err),
+                                wseed,
+                            ))
                             .unwrap_or_else(|e| {
                                 panic!(
                                     "config {} workload {wseed} fail_op({kind:?}, {nth}, {err:?}): {e}",
@@ -712,7 +749,10 @@ fn injected_errors_with_concurrent_requests() {
     let dir = temp_dir();
     let started = std::time::Instant::now();
     let mut injected = 0u64;
-    for cfg in CONFIGS.iter().filter(|c| c.name != "c512-refcount1") {
+    for cfg in CONFIGS
+        .iter()
+        .filter(|c| c.name != "c512-refcount1" && !c.backing)
+    {
         let base = qemu_create(
             dir.path(),
             &format!("conc-{}.qcow2", cfg.name),
