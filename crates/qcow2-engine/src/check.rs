@@ -161,8 +161,6 @@ struct Pass<'a, B> {
     /// Raw refcount table entries and where the table is.
     reftable: Vec<u64>,
     reftable_offset: u64,
-    /// The ranges the refcount structure itself occupies (counted), freed by a rebuild.
-    old_structure: Vec<(u64, u64)>,
     /// Stored refcount blocks read so far (by table index), and those changed.
     blocks: HashMap<u64, Vec<u8>>,
     dirty_blocks: BTreeSet<u64>,
@@ -174,7 +172,7 @@ struct Pass<'a, B> {
     need_sync: bool,
     /// A corruption event was reported (QEMU reports the first one per image only).
     signalled: bool,
-    /// Why the pass stopped, when it did without a stderr line saying so.
+    /// Why the pass stopped, as qemu-img words it (`strerror`), when not an I/O error.
     failure: Option<String>,
     /// Entries to give copies of their clusters (repair of refcount overflows).
     copies: Vec<walk::Copy>,
@@ -232,7 +230,6 @@ impl<'a, B: Backend> Pass<'a, B> {
             map: OverlapMap::new(),
             reftable: parse_reftable(&rt),
             reftable_offset,
-            old_structure: Vec::new(),
             blocks: HashMap::new(),
             dirty_blocks: BTreeSet::new(),
             l1: qcow2_format::l1::parse_l1_table(&l1),
@@ -370,13 +367,16 @@ impl<'a, B: Backend> Pass<'a, B> {
             if next.calculate().await.is_err() {
                 return Ok((next, false));
             }
+            // The old structure is now leaked: free it (the counters of this comparison are not
+            // kept, as in QEMU, except leaks it could not fix).
             let saved = next.res.clone();
-            highest = next.compare(Repair::None).await;
-            if next.rebuild || next.res.corruptions > saved.corruptions {
+            next.res = Counters::default();
+            highest = next.compare(Repair::Leaks).await;
+            if next.rebuild {
                 next.msgs
                     .push("ERROR rebuilt refcount structure is still broken".into());
             }
-            let fresh_leaks = next.res.leaks - saved.leaks;
+            let fresh_leaks = next.res.leaks;
             next.res = saved;
             next.res.corruptions_fixed += old.corruptions.saturating_sub(next.res.corruptions);
             next.res.leaks_fixed += old.leaks.saturating_sub(next.res.leaks);
@@ -439,11 +439,10 @@ impl<'a, B: Backend> Pass<'a, B> {
             allocated_clusters: r.allocated_clusters,
             fragmented_clusters: r.fragmented_clusters,
             compressed_clusters: r.compressed_clusters,
-            failed: (!completed).then(|| {
-                self.failure
-                    .or_else(|| self.msgs.last().cloned())
-                    .unwrap_or_else(|| "Input/output error".into())
-            }),
+            // QEMU's check returns -EIO for every failure but the size limit; qemu-img prints its
+            // strerror.
+            failed: (!completed)
+                .then(|| self.failure.unwrap_or_else(|| "Input/output error".into())),
             messages: self.msgs,
             repair_messages: Vec::new(),
         }

@@ -215,24 +215,17 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
 
     /// Writes a new refcount table and blocks holding the computed counts past the end of the file, syncs,
     /// then points the header at them (one 12-byte write) and syncs. The old table and blocks are then
-    /// unreferenced and free (their clusters get count 0 in the new structure). Returns false on failure
+    /// unreferenced, counted once: leaks for the caller to free. Returns false on failure
     /// (a check error is recorded; the image still uses the old structure unless the header write itself
     /// failed after reaching the disk, which leaves either structure: both count every reference).
     pub(super) async fn rebuild_structure(&mut self) -> bool {
         let cs = self.cs();
         let bits = self.geom.cluster_bits;
         let epb = self.epb();
-        // Counts without the old structure.
+        // The old table and blocks keep their counts: once the header points at the new structure
+        // they are leaks, which the recount after the switch frees (as QEMU does), so that a crash
+        // between the two leaves leaks only.
         let mut counts = std::mem::take(&mut self.refs);
-        for &(off, len) in &self.old_structure {
-            if len == 0 {
-                continue;
-            }
-            for c in (off >> bits)..=((off + len - 1) >> bits) {
-                let v = counts.get(c);
-                counts.set(c, v.saturating_sub(1));
-            }
-        }
         let last_used = counts.nonzero().last().map_or(0, |(c, _)| c + 1);
         let start = self.free_end().div_ceil(cs).max(last_used);
         // Table indices with counts, plus those of the new structure: a fixed point in the number of

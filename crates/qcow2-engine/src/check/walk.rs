@@ -234,7 +234,6 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
         let (rt_off, rt_len) = (self.reftable_offset, self.reftable.len() as u64 * 8);
         self.inc(rt_off, rt_len);
         self.map.insert(rt_off, rt_len, MetaKind::RefcountTable);
-        self.old_structure.push((rt_off, rt_len));
 
         self.count_bitmaps().await?;
         self.check_refblocks();
@@ -297,7 +296,6 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
             if off != 0 {
                 self.inc(off, cs);
                 self.map.insert(off, cs, MetaKind::RefcountBlock);
-                self.old_structure.push((off, cs));
                 let n = self.refs.get(cluster);
                 if n != 1 {
                     self.error(format!("ERROR refcount block {i} refcount={n}"));

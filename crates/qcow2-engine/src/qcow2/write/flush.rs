@@ -77,7 +77,11 @@ impl<B: Backend> Qcow2Layer<B> {
         let io = self.meta_io();
         // 1. Refcounts (or, with lazy refcounts, the dirty bit that stands in for them).
         if w.lazy() {
-            if w.refcounts.is_dirty() && !w.dirty_marked {
+            // Decrements applied at the end of this flush make the blocks dirty too: the bit must be
+            // set before, or a crash after a flush that only freed clusters would leave a clean image
+            // with stale counts (leaks nothing ever repairs on open).
+            let will_be_dirty = w.refcounts.is_dirty() || w.refcounts.has_deferred();
+            if will_be_dirty && !w.dirty_marked {
                 let bits = w.header.header.incompatible | IncompatibleFeatures::DIRTY;
                 w.header.header.incompatible = bits;
                 self.write_header_field(INCOMPATIBLE_OFFSET, be64(bits.0))
