@@ -516,17 +516,6 @@ struct Stats {
     double_cuts: u64,
     /// Cuts whose run diverged from the uncut one before the crash point (cut after the close instead).
     diverged: u64,
-    /// Cuts that hit KNOWN_BUG_L2 (tolerated in the sweep, see `is_known_bug_l2`).
-    known_l2: u64,
-}
-
-/// KNOWN_BUG_L2 (/tmp/qcow2-plan/requests-fault.md, BUG 2): the engine does not write a fresh L2 table
-/// before the L1 entry that points to it (both land in one flush epoch), so a cut can leave L1 pointing
-/// past the end of the file. The sweep counts and prints such cuts instead of failing on them;
-/// `known_bug_l2_fresh_table_reaches_disk_before_l1` (ignored) replays cuts that hit it. Remove this
-/// tolerance once the engine is fixed.
-fn is_known_bug_l2(failure: &str) -> bool {
-    failure.contains("points to an L2 table at") && failure.contains("past the end of the file")
 }
 
 /// The uncut run of a workload: `m`, the number of mutating host operations it issues after open.
@@ -699,13 +688,11 @@ fn crash_point(seed: u64, k: u64, m: u64) -> u64 {
 }
 
 /// Runs the cuts of `cfg` (all, or the `(seed, cut)` pairs of `only`); returns the failures. With
-/// `tolerate_known`, cuts that hit KNOWN_BUG_L2 are counted in `stats` instead.
 fn run_config(
     cfg: &Config,
     only: Option<&[(u64, u64)]>,
     scale: u64,
     stats: &mut Stats,
-    tolerate_known: bool,
 ) -> Vec<String> {
     // A fresh runtime for every run: a current-thread runtime's scheduler keeps state across
     // `block_on` calls (its tick counter decides when deferred yields are woken), so only a fresh one
@@ -736,10 +723,6 @@ fn run_config(
             let n = crash_point(seed, k, m);
             let qemu = (seed * cfg.cuts + k).is_multiple_of(qemu_every) || only.is_some();
             if let Err(e) = runtime().block_on(one_cut(cfg, &prep, seed, n, qemu, stats)) {
-                if tolerate_known && is_known_bug_l2(&e) {
-                    stats.known_l2 += 1;
-                    continue;
-                }
                 failures.push(format!(
                     "CRASH_SEED={}:{seed}:{k} (crash at mutating op {n} of {m}): {e}",
                     cfg.name
@@ -750,11 +733,10 @@ fn run_config(
     failures
 }
 
-/// KNOWN_BUG_L2 (/tmp/qcow2-plan/requests-fault.md, BUG 2): cuts that leave an L1 entry pointing at an
-/// L2 table that never reached the disk.
+/// Regression: cuts that once left an L1 entry pointing at a fresh L2 table that never reached the disk
+/// (the engine did not write a new table beyond the end of the file before its L1 entry).
 #[test]
-#[ignore = "engine bug, /tmp/qcow2-plan/requests-fault.md BUG 2 (fresh L2 table not durable before L1)"]
-fn known_bug_l2_fresh_table_reaches_disk_before_l1() {
+fn fresh_l2_table_reaches_disk_before_l1() {
     skip_without_qemu!();
     let cases: &[(&str, &[(u64, u64)])] = &[
         ("c64k-r16", &[(36, 6), (39, 2)]),
@@ -763,7 +745,7 @@ fn known_bug_l2_fresh_table_reaches_disk_before_l1() {
     let mut failures = Vec::new();
     for (name, list) in cases {
         let cfg = CONFIGS.iter().find(|c| c.name == *name).expect("config");
-        failures.extend(run_config(cfg, Some(list), 1, &mut Stats::default(), false));
+        failures.extend(run_config(cfg, Some(list), 1, &mut Stats::default()));
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
@@ -809,8 +791,7 @@ fn crash_consistency() {
                         let t = Instant::now();
                         let mut stats = Stats::default();
                         let sel = only.as_ref().map(|(_, s, k)| [(*s, *k)]);
-                        let f =
-                            run_config(cfg, sel.as_ref().map(|a| &a[..]), scale, &mut stats, true);
+                        let f = run_config(cfg, sel.as_ref().map(|a| &a[..]), scale, &mut stats);
                         out.push((stats, f, cfg.name, t.elapsed().as_secs_f64()));
                     }
                     out
@@ -826,18 +807,15 @@ fn crash_consistency() {
     let mut failures = Vec::new();
     for (s, f, name, secs) in results {
         println!(
-            "crash: {name}: {} cuts ({} leaky, {} with a grown refcount table), {} failures, {} \
-             KNOWN_BUG_L2, {secs:.1} s",
+            "crash: {name}: {} cuts ({} leaky, {} with a grown refcount table), {} failures, {secs:.1} s",
             s.cuts,
             s.leaky,
             s.tables_grown,
-            f.len(),
-            s.known_l2
+            f.len()
         );
         total.cuts += s.cuts;
         total.qemu_checks += s.qemu_checks;
         total.our_checks += s.our_checks;
-        total.known_l2 += s.known_l2;
         total.diverged += s.diverged;
         total.double_cuts += s.double_cuts;
         failures.extend(f);
@@ -860,13 +838,6 @@ fn crash_consistency() {
             "crash: {} runs diverged from their uncut replay before the crash point and were cut after \
              their close instead (time-dependent lock fairness, requests-fault.md BUG 3)",
             total.diverged
-        );
-    }
-    if total.known_l2 > 0 {
-        println!(
-            "crash: {} more cuts hit KNOWN_BUG_L2 (fresh L2 table not durable before its L1 entry; \
-             /tmp/qcow2-plan/requests-fault.md BUG 2), tolerated until the engine is fixed",
-            total.known_l2
         );
     }
     for f in &failures {

@@ -194,18 +194,8 @@ fn discarded(cfg: &Config, sector: u64, n: u64) -> Option<(u64, u64)> {
 /// What one injected run observed.
 struct Outcome {
     fired: bool,
-    /// The run hit KNOWN_BUG_L1 (see /tmp/qcow2-plan/requests-fault.md, BUG 1) and skipped the one check
-    /// that bug fails.
-    known_l1: bool,
     /// The engine's name for the host operation of the first failed request (`"write L2 table"`, ...).
     first_op: Option<&'static str>,
-}
-
-/// KNOWN_BUG_L1: a flush whose L1 write fails forgets that the L1 chunk is dirty, so the mapping is never
-/// written and data is lost after close (reproducer: `failed_l1_write_in_flush_keeps_the_mapping`,
-/// ignored until the engine is fixed). Runs that hit it skip only the read-back after reopen.
-fn hit_known_bug_l1(errors: &[String]) -> bool {
-    errors.iter().any(|e| e.contains("write L1 table"))
 }
 
 /// Runs the workload `wseed` with `fail_op(kind, nth, err)` (`inject`) armed and checks everything
@@ -286,11 +276,7 @@ async fn one_run(
                 "requests failed without an injected error: {failed:?}"
             ));
         }
-        return Ok(Outcome {
-            fired,
-            known_l1: false,
-            first_op,
-        });
+        return Ok(Outcome { fired, first_op });
     }
     if failed.is_empty() && kind != OpKind::PunchHole {
         return Err("the injected error failed no request".into());
@@ -365,11 +351,7 @@ async fn one_run(
         check_both(dir, "sticky.qcow2", &bytes)
             .await
             .map_err(|e| format!("after the sticky failure: {e}"))?;
-        return Ok(Outcome {
-            fired,
-            known_l1: false,
-            first_op,
-        });
+        return Ok(Outcome { fired, first_op });
     }
     for r in flushes.iter().chain([&close]) {
         r.as_ref()
@@ -382,24 +364,13 @@ async fn one_run(
     let fresh_img = open_over(FaultBackend::new(bytes), "closed", &ro(), backing)
         .await
         .map_err(|e| format!("reopen after close: {e}"))?;
-    if hit_known_bug_l1(&errors) {
-        return Ok(Outcome {
-            fired,
-            known_l1: true,
-            first_op,
-        });
-    }
     let all = read_range(&fresh_img, 0, cfg.size)
         .await
         .map_err(|e| format!("read after reopen: {e}"))?;
     model
         .verify(0, &all)
         .map_err(|e| format!("after close and reopen: {e}"))?;
-    Ok(Outcome {
-        fired,
-        known_l1: false,
-        first_op,
-    })
+    Ok(Outcome { fired, first_op })
 }
 
 /// The workloads each configuration runs (every operation index of each is injected).
@@ -411,7 +382,7 @@ fn injected_errors_fail_only_their_request() {
     let dir = temp_dir();
     let rt = runtime();
     let started = std::time::Instant::now();
-    let (mut injected, mut known) = (0u64, 0u64);
+    let mut injected = 0u64;
     let mut by_op: std::collections::BTreeMap<&str, u64> = Default::default();
     let kinds = [
         (
@@ -463,7 +434,6 @@ fn injected_errors_fail_only_their_request() {
                             break;
                         }
                         injected += 1;
-                        known += u64::from(out.known_l1);
                         *by_op
                             .entry(out.first_op.unwrap_or("(none failed)"))
                             .or_default() += 1;
@@ -474,8 +444,7 @@ fn injected_errors_fail_only_their_request() {
         }
     }
     println!(
-        "io_errors: {injected} injected failures, 0 inconsistencies ({:.1} s); {known} hit KNOWN_BUG_L1 \
-         (read-back after reopen skipped for those)",
+        "io_errors: {injected} injected failures, 0 inconsistencies ({:.1} s)",
         started.elapsed().as_secs_f64()
     );
     println!("io_errors: failed requests by the host operation that failed: {by_op:?}");
@@ -535,11 +504,10 @@ fn failed_fdatasync_is_sticky() {
     });
 }
 
-/// KNOWN_BUG_L1 (/tmp/qcow2-plan/requests-fault.md, BUG 1): when the L1 write of a flush fails, the
-/// flush fails, but a later flush and close must still write the L1 entry; today the chunk is forgotten
-/// and the data is lost after reopen although flush and close returned Ok.
+/// Regression (found by the sweep above): when the L1 write of a flush fails, the flush fails, but a
+/// later flush and close must still write the L1 entry (the engine once forgot the dirty chunk, and the
+/// data was lost after reopen although flush and close returned Ok).
 #[test]
-#[ignore = "engine bug, /tmp/qcow2-plan/requests-fault.md BUG 1 (failed L1 write forgets the dirty chunk)"]
 fn failed_l1_write_in_flush_keeps_the_mapping() {
     skip_without_qemu!();
     let dir = temp_dir();
