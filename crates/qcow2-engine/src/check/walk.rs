@@ -243,7 +243,7 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
     /// Bitmap directory, tables and data clusters (bitmaps extension in force only).
     async fn count_bitmaps(&mut self) -> super::Flow<()> {
         let io = self.meta_io();
-        match crate::qcow2::rebuild::bitmap_ranges(&io, &self.header).await {
+        match crate::qcow2::bitmaps::bitmap_ranges(&io, &self.header).await {
             Ok(ranges) => {
                 if let Some(&(off, len)) = ranges.first() {
                     self.map.insert(off, len, MetaKind::BitmapDirectory);

@@ -7,15 +7,11 @@
 //! it while it reads a missing L2 slice from the file (as QEMU does); it never holds it during guest data
 //! I/O, which the read path does after [`Qcow2Layer::map`] returned.
 
+pub(crate) mod bitmaps;
 mod entry;
 mod open;
-// Wired into the write path as it lands (issue 3); until then parts are unused.
-#[allow(dead_code)]
 pub(crate) mod overlap;
 mod prealloc;
-#[allow(dead_code)]
-pub(crate) mod rebuild;
-#[allow(dead_code)]
 pub(crate) mod refcount;
 pub(crate) mod snapshots;
 pub(crate) mod write;

@@ -107,11 +107,13 @@ impl OverlapMap {
     }
 
     /// The number of registered ranges.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.ranges.len()
     }
 
     /// Whether nothing is registered.
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.ranges.is_empty()
     }

@@ -25,8 +25,8 @@ use qcow2_format::image_header::ImageHeader;
 use qcow2_format::l1::L1Entry;
 use qcow2_io::Backend;
 
+use super::bitmaps::bitmap_ranges;
 use super::overlap::{MetaKind, OverlapMap};
-use super::rebuild::{bitmap_ranges, rebuild_and_load};
 use super::refcount::{HostAlloc, MetaIo, Refcounts};
 use super::snapshots::read_snapshot_table;
 use super::{Metadata, Qcow2Layer};
@@ -156,19 +156,33 @@ impl<B: Backend> Qcow2Layer<B> {
         } else {
             Vec::new()
         };
-        let mut refcounts = if header.is_dirty() {
-            let r = rebuild_and_load(&io, &header, &l1, file_len).await?;
-            header.header.incompatible = header
-                .header
-                .incompatible
-                .with(IncompatibleFeatures::DIRTY, false);
-            self.write_header_field(INCOMPATIBLE_OFFSET, be64(header.header.incompatible.0))
-                .await?;
-            self.sync_file().await?;
-            r
+        let (file_len, l1) = if header.is_dirty() {
+            // The check's repair rebuilds the refcounts (possibly moving the refcount table, growing
+            // the file, dropping broken entries) and clears the dirty bit: read everything again.
+            crate::check::repair_dirty(&self.file, &self.name).await?;
+            let len = self
+                .file
+                .len()
+                .await
+                .map_err(Error::io(&self.name, "get file length", 0))?;
+            header = super::read_image_header(&self.file, &self.name, len).await?;
+            let l1_off = header.l1_table_offset().0;
+            let (res, buf) = self
+                .file
+                .read_at(crate::buf::io_buf(l1.len() * 8), l1_off)
+                .await;
+            res.map_err(Error::io(&self.name, "read L1 table", l1_off))?;
+            let l1 = qcow2_format::l1::parse_l1_table(&buf);
+            self.meta.get_mut().l1 = l1.clone();
+            self.file_len
+                .store(len, std::sync::atomic::Ordering::Release);
+            self.header = header.clone();
+            (len, l1)
         } else {
-            Refcounts::load(&io, &header, file_len).await?
+            (file_len, l1)
         };
+        let io = self.meta_io();
+        let mut refcounts = Refcounts::load(&io, &header, file_len).await?;
         if header.version() == Version::V3 {
             let keep = header.header.autoclear.0 & AutoclearFeatures::RAW_EXTERNAL.0;
             if header.header.autoclear.0 != keep {
