@@ -127,6 +127,8 @@ struct State {
     next_seq: u64,
     /// A flush failed: every later flush fails too.
     flush_failed: bool,
+    /// Linux semantics for a failed flush (see [`FaultBackend::with_lossy_flush_failures`]).
+    lossy_flush: bool,
     failures: Vec<PendingFailure>,
     crash: Option<PendingCrash>,
     crash_image: Option<Vec<u8>>,
@@ -250,6 +252,7 @@ impl FaultBackend {
                 epoch: Vec::new(),
                 next_seq: 0,
                 flush_failed: false,
+                lossy_flush: false,
                 failures: Vec::new(),
                 crash: None,
                 crash_image: None,
@@ -276,6 +279,15 @@ impl FaultBackend {
     /// seed replays the same completion order exactly, and different seeds explore different orders.
     pub fn with_schedule(self, seed: u64, max_delay: u32) -> FaultBackend {
         self.lock().schedule = Some((seed, max_delay));
+        self
+    }
+
+    /// Makes a failed flush behave as Linux's `fdatasync` does since 4.13 instead of sticky: the error is
+    /// reported once, the writes it covered are dropped (they stay visible, as in the page cache, but
+    /// never become durable), and later flushes succeed. The engine must then remember the failure
+    /// itself; with the default sticky backend a test could not tell whether it does.
+    pub fn with_lossy_flush_failures(self) -> FaultBackend {
+        self.lock().lossy_flush = true;
         self
     }
 
@@ -562,11 +574,14 @@ impl Backend for FaultBackend {
         let mut st = self.lock();
         if let Err(e) = self.admit(&mut st, OpKind::Flush) {
             // As Linux may drop the dirty pages of a failed fdatasync, the epoch's writes stay not durable
-            // and no later flush may claim otherwise.
+            // and (sticky by default) no later flush may claim otherwise.
             st.flush_failed = true;
+            if st.lossy_flush && st.crash_image.is_none() {
+                st.epoch.retain(|(s, _)| *s >= issued_at);
+            }
             return Err(e);
         }
-        if st.flush_failed {
+        if st.flush_failed && !st.lossy_flush {
             return Err(eio());
         }
         let st = &mut *st;
@@ -816,6 +831,28 @@ mod tests {
             assert_eq!(b.power_cut(CutMode::All, 0), vec![6; 512]);
             // Reads and writes still work: only durability is lost.
             assert_eq!(b.contents(), vec![6; 512]);
+        });
+    }
+
+    #[test]
+    fn lossy_flush_failure_drops_its_writes_and_reports_once() {
+        block_on(async {
+            let b = FaultBackend::new(vec![0; 1024]).with_lossy_flush_failures();
+            b.write_at(Bytes::from(vec![1; 512]), 0).await.unwrap();
+            b.fail_op(OpKind::Flush, 0, InjectedError::Eio);
+            assert!(b.flush().await.is_err());
+            assert!(b.flush_failed());
+            b.write_at(Bytes::from(vec![2; 512]), 512).await.unwrap();
+            b.flush().await.unwrap();
+            let mut want = vec![0; 1024];
+            want[512..].fill(2);
+            assert_eq!(
+                b.durable(),
+                want,
+                "the failed flush's write is lost for good"
+            );
+            assert_eq!(b.power_cut(CutMode::All, 0), want);
+            assert_eq!(&b.contents()[..512], &[1; 512][..], "but still visible");
         });
     }
 
