@@ -854,11 +854,10 @@ fn crash_consistency() {
 }
 
 /// The premise of replaying a cut from its seed: the same workload seed issues the same number of host
-/// operations every time (a fresh current-thread runtime per run, `FaultBackend::with_schedule`).
-/// Ignored: the engine's `async_lock::Mutex` turns fair after a waiter has waited 0.5 ms of wall time,
-/// so under load the interleaving depends on time (/tmp/qcow2-plan/requests-fault.md BUG 3).
+/// operations every time (a fresh current-thread runtime per run, `FaultBackend::with_schedule`). This
+/// found that async-lock's mutex, which turns fair after a waiter has waited 0.5 ms of wall time, made
+/// the interleaving depend on time under load; the engine's metadata lock is now tokio's (FIFO).
 #[test]
-#[ignore = "replay depends on wall time through async-lock's starvation mode (requests-fault.md BUG 3)"]
 fn workloads_replay_from_their_seed() {
     skip_without_qemu!();
     let cfg = CONFIGS

@@ -104,7 +104,7 @@ impl<B: Backend> Qcow2Layer<B> {
         &self,
         pos: u64,
         end: u64,
-    ) -> Result<(async_lock::MutexGuard<'_, Metadata>, u64)> {
+    ) -> Result<(tokio::sync::MutexGuard<'_, Metadata>, u64)> {
         let shared = self.shared()?;
         let cs = self.geom.cluster_size();
         let slice_cov = (self.slice_bytes / self.geom.l2_entry_size()) * cs;
