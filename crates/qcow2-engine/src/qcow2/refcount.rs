@@ -635,6 +635,15 @@ impl Refcounts {
                     ),
                 )
             })?;
+            if c == 0 && nv == 0 {
+                // Only a corrupt image references the header cluster from an L2 table (e.g. a
+                // compressed cluster stored in it); freeing it would let the host discard the header.
+                return Err(Error::corrupt(
+                    io.name,
+                    "dropping a reference would free the header cluster (an L2 entry points into it)"
+                        .to_string(),
+                ));
+            }
             new_values.push(nv);
         }
         let mut freed: Vec<(u64, u64)> = Vec::new();

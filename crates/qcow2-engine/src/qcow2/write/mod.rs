@@ -197,12 +197,9 @@ impl<B: Backend> Qcow2Layer<B> {
             for (off, len) in bitmap_refs {
                 refcounts.defer_decrement(off, len);
             }
-            let freed = refcounts.apply_deferred(&io, &|_| false).await?;
-            for (off, len) in freed {
-                if let Err(e) = self.file.punch_hole(off, len).await {
-                    tracing::debug!(file = %self.name, "punching freed clusters at {off:#x}: {e}");
-                }
-            }
+            // Freed, not punched: the overlap map that would vouch for the range is not built yet,
+            // and a hostile bitmap table may point at live metadata.
+            refcounts.apply_deferred(&io, &|_| false).await?;
         }
 
         let mut overlap = OverlapMap::new();
