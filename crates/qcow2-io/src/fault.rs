@@ -623,18 +623,11 @@ impl Backend for FaultBackend {
         if st.crash_image.is_some() {
             return Err(eio());
         }
-        let size = len64(st.visible.len());
-        Ok(if offset < size {
-            HostStatus {
-                data: true,
-                len: (size - offset).min(max_len),
-            }
-        } else {
-            HostStatus {
-                data: false,
-                len: max_len,
-            }
-        })
+        Ok(crate::memory::vec_host_status(
+            len64(st.visible.len()),
+            offset,
+            max_len,
+        ))
     }
 
     async fn allocated_size(&self) -> io::Result<Option<u64>> {
