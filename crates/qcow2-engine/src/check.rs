@@ -112,6 +112,15 @@ impl CheckReport {
     }
 }
 
+/// stderr lines kept per pass; beyond, lines are counted and summarised in one last line.
+const MAX_MESSAGES: usize = 200_000;
+
+/// Most bytes of cluster copies one repair adds (beyond, the overflow stays a corruption): the file at
+/// most doubles.
+fn max_copy_bytes(file_len: u64) -> u64 {
+    file_len
+}
+
 /// The counters of one pass (QEMU's `BdrvCheckResult`).
 #[derive(Debug, Clone, Default)]
 struct Counters {
@@ -161,9 +170,15 @@ struct Pass<'a, B> {
     /// Raw refcount table entries and where the table is.
     reftable: Vec<u64>,
     reftable_offset: u64,
-    /// Stored refcount blocks read so far (by table index), and those changed.
+    /// Stored refcount blocks read so far (by offset), and those changed.
     blocks: HashMap<u64, Vec<u8>>,
     dirty_blocks: BTreeSet<u64>,
+    /// Ranges referenced past the end of the file and not dropped (their stored counts are kept).
+    past_eof_refs: Vec<(u64, u64)>,
+    /// stderr lines not kept (beyond [`MAX_MESSAGES`]).
+    suppressed: u64,
+    /// Whether this pass may give shared clusters copies (not on the dirty-open repair).
+    allow_copies: bool,
     /// The active L1 table (raw entries, as on disk after this pass's repairs).
     l1: Vec<u64>,
     snapshots: Vec<Snapshot>,
@@ -232,6 +247,9 @@ impl<'a, B: Backend> Pass<'a, B> {
             reftable_offset,
             blocks: HashMap::new(),
             dirty_blocks: BTreeSet::new(),
+            past_eof_refs: Vec::new(),
+            suppressed: 0,
+            allow_copies: true,
             l1: qcow2_format::l1::parse_l1_table(&l1),
             snapshots,
             snapshot_table_len,
@@ -265,22 +283,32 @@ impl<'a, B: Backend> Pass<'a, B> {
         }
     }
 
+    /// Records a stderr line; past [`MAX_MESSAGES`] lines only count (a hostile image can make
+    /// billions).
+    fn msg(&mut self, line: String) {
+        if self.msgs.len() < MAX_MESSAGES {
+            self.msgs.push(line);
+        } else {
+            self.suppressed += 1;
+        }
+    }
+
     /// A corruption, with its stderr line.
     fn error(&mut self, msg: String) {
         self.res.corruptions += 1;
-        self.msgs.push(msg);
+        self.msg(msg);
     }
 
     /// A check error (the check could not do something), with its stderr line.
     fn check_error(&mut self, msg: String) {
         self.res.check_errors += 1;
-        self.msgs.push(msg);
+        self.msg(msg);
     }
 
     /// A corruption found and repaired, with its stderr line.
     fn fixed_corruption(&mut self, msg: String) {
         self.res.corruptions_fixed += 1;
-        self.msgs.push(msg);
+        self.msg(msg);
     }
 
     /// Reads the part of `[off, off + len)` that lies inside the file (what lies past its end reads as
@@ -328,13 +356,6 @@ impl<'a, B: Backend> Pass<'a, B> {
         }
     }
 
-    /// Syncs when entries were dropped since the last sync.
-    async fn sync_if_needed(&mut self) {
-        if self.need_sync {
-            self.sync().await;
-        }
-    }
-
     /// QEMU's `qcow2_check_refcounts` followed by the marking of `qcow2_co_check_locked`. Returns the
     /// finished pass (possibly replaced by a recount after a rebuild) and whether it completed.
     async fn run(mut self) -> Result<(Pass<'a, B>, bool)> {
@@ -350,7 +371,7 @@ impl<'a, B: Backend> Pass<'a, B> {
         let pre = self.res.clone();
         let mut highest = self.compare(Repair::None).await;
         if self.rebuild && self.fix == Repair::All {
-            self.msgs.push("Rebuilding refcount structure".into());
+            self.msg("Rebuilding refcount structure".into());
             let old = self.res.clone();
             if !self.rebuild_structure().await {
                 return Ok((self, false));
@@ -373,8 +394,7 @@ impl<'a, B: Backend> Pass<'a, B> {
             next.res = Counters::default();
             highest = next.compare(Repair::Leaks).await;
             if next.rebuild {
-                next.msgs
-                    .push("ERROR rebuilt refcount structure is still broken".into());
+                next.msg("ERROR rebuilt refcount structure is still broken".into());
             }
             let fresh_leaks = next.res.leaks;
             next.res = saved;
@@ -424,7 +444,13 @@ impl<'a, B: Backend> Pass<'a, B> {
     }
 
     /// The report of this pass.
-    fn report(self, completed: bool) -> CheckReport {
+    fn report(mut self, completed: bool) -> CheckReport {
+        if self.suppressed > 0 {
+            self.msgs.push(format!(
+                "... and {} more lines like the above",
+                self.suppressed
+            ));
+        }
         let r = self.res;
         CheckReport {
             filename: self.name.to_owned(),
@@ -498,7 +524,10 @@ pub async fn check_backend<B: Backend>(
 /// which also clears the dirty bit. An image the pass cannot bring to "no corruption, no check error" is
 /// refused, as QEMU refuses one with check errors ("Could not repair dirty image").
 pub(crate) async fn repair_dirty<B: Backend>(file: &B, name: &str) -> Result<()> {
-    let (pass, done) = Pass::load(file, name, Repair::All).await?.run().await?;
+    let mut pass = Pass::load(file, name, Repair::All).await?;
+    // No cluster copies on open: an image crafted to need many would grow the file at every open.
+    pass.allow_copies = false;
+    let (pass, done) = pass.run().await?;
     let r = pass.report(done);
     if r.failed.is_some() || r.check_errors > 0 || r.corruptions > 0 {
         let detail = r

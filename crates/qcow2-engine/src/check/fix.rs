@@ -49,7 +49,7 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
             if !self.signalled {
                 // QEMU's qcow2_signal_corruption, once per check.
                 self.signalled = true;
-                self.msgs.push(format!(
+                self.msg(format!(
                     "qcow2: Image is corrupt: Refblock offset {} unaligned (reftable index: {}); \
                      further non-fatal corruption events will be suppressed",
                     c_hex(off),
@@ -58,7 +58,16 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
             }
             return Err(Unreadable("Input/output error".into()));
         }
-        if !self.blocks.contains_key(&ti) {
+        if off >= self.file_len {
+            // Reads as zeros, not cached (a hostile table naming far blocks costs no memory); beyond
+            // the largest file offset the read fails, as QEMU's does.
+            if off.saturating_add(self.cs()) > i64::MAX as u64 {
+                return Err(Unreadable("Input/output error".into()));
+            }
+            return Ok(0);
+        }
+        // Cached by block offset: a hostile table naming one block many times costs one copy.
+        if !self.blocks.contains_key(&off) {
             let cs = self.cs();
             let (res, buf) = self
                 .file
@@ -68,9 +77,9 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
                 // QEMU's block layer fails such reads (out of range offsets included) with EIO.
                 return Err(Unreadable("Input/output error".into()));
             }
-            self.blocks.insert(ti, buf.to_vec());
+            self.blocks.insert(off, buf.to_vec());
         }
-        let block = &self.blocks[&ti];
+        let block = &self.blocks[&off];
         get_refcount(block, (c % epb) as usize, self.order).map_err(|e| Unreadable(e.to_string()))
     }
 
@@ -78,24 +87,31 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
     /// The block exists: only clusters with a nonzero stored count are updated in place.
     fn set_stored(&mut self, c: u64, v: u64) -> bool {
         let epb = self.epb();
-        let ti = c / epb;
         let order = self.order;
-        let Some(block) = self.blocks.get_mut(&ti) else {
+        let Some(off) = self.block_of(c) else {
+            return false;
+        };
+        let Some(block) = self.blocks.get_mut(&off) else {
             return false;
         };
         if set_refcount(block, (c % epb) as usize, order, v).is_err() {
             return false;
         }
-        self.dirty_blocks.insert(ti);
+        self.dirty_blocks.insert(off);
         true
+    }
+
+    /// The offset of the refcount block describing cluster `c`, when the table names one.
+    fn block_of(&self, c: u64) -> Option<u64> {
+        let raw = *self.reftable.get((c / self.epb()) as usize)?;
+        Some(raw & REFT_OFFSET_MASK).filter(|&o| o != 0)
     }
 
     /// Writes the changed refcount blocks and syncs. Returns false (with a check error) on failure.
     async fn write_blocks(&mut self) -> bool {
         let mut ok = true;
-        for ti in std::mem::take(&mut self.dirty_blocks) {
-            let off = self.reftable[ti as usize] & REFT_OFFSET_MASK;
-            let data = self.blocks[&ti].clone();
+        for off in std::mem::take(&mut self.dirty_blocks) {
+            let data = self.blocks[&off].clone();
             if !self
                 .write(
                     off,
@@ -158,7 +174,7 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
                     None if stored < computed => "ERROR",
                     None => "Leaked",
                 };
-                self.msgs.push(format!(
+                self.msg(format!(
                     "{label} cluster {c} refcount={stored} reference={computed}"
                 ));
                 match fixed {
@@ -180,7 +196,7 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
             }
             c += 1;
         }
-        if fix != Repair::None {
+        if fix == Repair::All {
             self.clear_past_end(nb).await;
         }
         if !self.dirty_blocks.is_empty() {
@@ -189,21 +205,47 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
         highest
     }
 
-    /// Zeroes stored refcounts of clusters at or past `nb` (past the end of the file, referenced by
-    /// nothing). QEMU neither compares nor reports them, so neither does the count; but left in place
+    /// Zeroes stored refcounts of clusters at or past `nb` (past the end of the file) that nothing
+    /// points at. QEMU neither compares nor reports them, so neither does the count; but left in place
     /// they would make the allocator skip those clusters once the file grows, leaking them for good.
+    /// Only with `-r all`, after entries pointing past the end were dropped (durably); clusters some
+    /// remaining reference still points at are kept.
     async fn clear_past_end(&mut self, nb: u64) {
         let epb = self.epb();
+        let order = self.order;
+        let bits = self.geom.cluster_bits;
         for ti in nb / epb..self.reftable.len() as u64 {
             let off = self.reftable[ti as usize] & REFT_OFFSET_MASK;
             if off == 0 || !self.geom.is_cluster_aligned(off) || off >= self.file_len {
                 continue;
             }
+            if self.stored(ti * epb).await.is_err() {
+                continue;
+            }
+            let referenced = |c: u64| {
+                self.past_eof_refs
+                    .iter()
+                    .any(|&(s, e)| (s >> bits..=(e - 1) >> bits).contains(&c))
+            };
             let first = (ti * epb).max(nb);
-            for c in first..(ti + 1) * epb {
-                if matches!(self.stored(c).await, Ok(v) if v != 0) {
-                    self.set_stored(c, 0);
+            let Some(block) = self.blocks.get(&off) else {
+                continue;
+            };
+            let clear: Vec<usize> = (first..(ti + 1) * epb)
+                .filter(|&c| {
+                    matches!(get_refcount(block, (c % epb) as usize, order), Ok(v) if v != 0)
+                        && !referenced(c)
+                })
+                .map(|c| (c % epb) as usize)
+                .collect();
+            if clear.is_empty() {
+                continue;
+            }
+            if let Some(block) = self.blocks.get_mut(&off) {
+                for i in clear {
+                    let _ = set_refcount(block, i, order, 0);
                 }
+                self.dirty_blocks.insert(off);
             }
         }
     }
@@ -356,7 +398,7 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
             };
             if (rc == 1) != (e & L1E_COPIED != 0) {
                 self.res.corruptions += 1;
-                self.msgs.push(format!(
+                self.msg(format!(
                     "{} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}",
                     if repair { "Repairing" } else { "ERROR" }
                 ));
@@ -404,7 +446,7 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
                 };
                 if (rc == 1) != (entry & L2E_COPIED != 0) {
                     self.res.corruptions += 1;
-                    self.msgs.push(format!(
+                    self.msg(format!(
                         "{} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}",
                         if repair { "Repairing" } else { "ERROR" }
                     ));

@@ -158,6 +158,10 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
             self.max_ref_end = self.max_ref_end.max(u64::try_from(end).unwrap_or(u64::MAX));
         }
         if end >= u128::from(self.file_len) + u128::from(cs) {
+            if self.past_eof_refs.len() < super::MAX_MESSAGES {
+                self.past_eof_refs
+                    .push((off, u64::try_from(end).unwrap_or(u64::MAX)));
+            }
             self.error(format!(
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or \
                  more: offset {off:#x} size {len:#x}"
@@ -172,7 +176,7 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
             let v = self.refs.get(c);
             if v >= max {
                 self.error(format!("ERROR: overflow cluster offset={:#x}", c << bits));
-                self.msgs.push(
+                self.msg(
                     "Use qemu-img amend to increase the refcount entry width or qemu-img convert to \
                      create a clean copy if the image cannot be opened for writing"
                         .into(),
@@ -189,6 +193,24 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
         let cs = self.cs();
         self.inc(0, cs);
         self.map.insert(0, cs, MetaKind::Header);
+        // The refcount structure and the snapshot table are known before the walk: registered first,
+        // so that a repair recognises an L2 table placed on them.
+        self.map.insert(
+            self.reftable_offset,
+            self.reftable.len() as u64 * 8,
+            MetaKind::RefcountTable,
+        );
+        for i in 0..self.reftable.len() {
+            let off = self.reftable[i] & REFT_OFFSET_MASK;
+            if off != 0 && self.geom.is_cluster_aligned(off) && off < self.file_len {
+                self.map.insert(off, cs, MetaKind::RefcountBlock);
+            }
+        }
+        self.map.insert(
+            self.header.header.snapshots_offset,
+            self.snapshot_table_len,
+            MetaKind::SnapshotTable,
+        );
         let l1_off = self.header.l1_table_offset().0;
         let l1_size = self.header.l1_size();
         self.map.insert(l1_off, l1_size * 8, MetaKind::ActiveL1);
@@ -345,7 +367,14 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
             let past_eof =
                 u128::from(l2) + u128::from(cs) >= u128::from(self.file_len) + u128::from(cs);
             let unaligned = !self.geom.is_cluster_aligned(l2);
-            if fix && (past_eof || unaligned) {
+            // An "L2 table" on the header, an L1 table or the refcount structure: reading it as a
+            // table would alias metadata as guest data, so a repair drops the entry.
+            let on_metadata = self
+                .map
+                .check(l2, cs, None)
+                .err()
+                .filter(|h| h.kind != MetaKind::ActiveL2);
+            if fix && (past_eof || unaligned || on_metadata.is_some()) {
                 // QEMU leaves such an entry; its L2 table is garbage or zeros, so drop it: the guest
                 // clusters it covered read as unallocated.
                 if self.rewrite_l1_entry(l1_off, i, active, 0).await {
@@ -353,9 +382,11 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
                         "Repairing L1 entry {i} of the L1 table at {l1_off:#x}: L2 table offset \
                          {l2:#x} is {}; entry dropped",
                         if unaligned {
-                            "not cluster aligned"
+                            "not cluster aligned".to_string()
+                        } else if let Some(h) = on_metadata {
+                            format!("on the {}", h.kind.name())
                         } else {
-                            "past the end of the file"
+                            "past the end of the file".to_string()
                         }
                     ));
                     continue;
@@ -372,7 +403,10 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
             }
             self.check_l2(l2, active).await?;
         }
-        self.sync_if_needed().await;
+        if self.need_sync && !self.sync().await {
+            // The drops may not be durable: changing refcounts now could leave one too low.
+            return Err(super::PassAbort);
+        }
         Ok(())
     }
 
@@ -523,8 +557,11 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
                     if !self.has_data_file {
                         let max = self.order.max_refcount();
                         if fix
+                            && self.allow_copies
                             && self.geom.is_cluster_aligned(off)
                             && self.refs.get(off / cs) >= max
+                            && (self.copies.len() as u64 + 1) * cs
+                                <= super::max_copy_bytes(self.file_len)
                         {
                             // One reference too many for the refcount width (with 1-bit refcounts, any
                             // second one): this entry gets a copy of the cluster of its own.
@@ -636,7 +673,10 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
     /// are written and synced first, then the entries switched to them (COPIED set) and synced; then
     /// they are counted. A crash before the switch leaves unreferenced bytes past the old end of file.
     pub(super) async fn make_copies(&mut self) -> super::Flow<()> {
-        let copies = std::mem::take(&mut self.copies);
+        let mut copies = std::mem::take(&mut self.copies);
+        // An L2 table reachable twice (two L1 entries) lists its entries twice: one copy each.
+        copies.sort_by_key(|c| c.entry_off);
+        copies.dedup_by_key(|c| c.entry_off);
         if copies.is_empty() {
             return Ok(());
         }
@@ -662,7 +702,8 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
         }
         self.file_len = self.file_len.max(next);
         for (c, &to) in copies.iter().zip(&placed) {
-            let new = (c.entry & !L2E_OFFSET_MASK) | to | L2E_COPIED;
+            // COPIED waits for the refcount of the copy to be durable (set by the COPIED pass).
+            let new = (c.entry & !L2E_OFFSET_MASK & !L2E_COPIED) | to;
             let own = c.active.then_some((MetaKind::ActiveL2, c.l2_off));
             if !self
                 .write(
@@ -676,7 +717,8 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
                 return Err(super::PassAbort);
             }
             self.fixed_corruption(format!(
-                "Repairing L2 entry at {:#x}: cluster {:#x} cannot take one more reference with                  {}-bit refcounts; the entry now has a copy at {to:#x}",
+                "Repairing L2 entry at {:#x}: cluster {:#x} cannot take one more reference with \
+                 {}-bit refcounts; the entry now has a copy at {to:#x}",
                 c.entry_off,
                 c.entry & L2E_OFFSET_MASK,
                 self.order.refcount_bits()

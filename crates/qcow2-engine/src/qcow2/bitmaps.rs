@@ -72,6 +72,7 @@ pub(crate) async fn bitmap_ranges<B: Backend>(
         Ok(s.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
     };
     let mut pos = 0usize;
+    let mut total_table_bytes = 0u64;
     for _ in 0..nb {
         let table_off = field(pos, 0, 8)?;
         let table_size = field(pos, 8, 4)?;
@@ -85,6 +86,18 @@ pub(crate) async fn bitmap_ranges<B: Backend>(
                 format!(
                     "bitmap directory at {off:#x}: bitmap table at {table_off:#x} of {table_size} \
                      entries is unaligned or larger than {MAX_BITMAP_TABLE_BYTES} bytes"
+                ),
+            ));
+        }
+        total_table_bytes = total_table_bytes.saturating_add(table_bytes);
+        if total_table_bytes > MAX_BITMAP_TABLE_BYTES {
+            // Real bitmaps are far smaller; a directory naming huge tables (or one table many
+            // times) would make this walk unbounded.
+            return Err(Error::corrupt(
+                io.name,
+                format!(
+                    "bitmap directory at {off:#x}: its bitmap tables total more than \
+                     {MAX_BITMAP_TABLE_BYTES} bytes"
                 ),
             ));
         }

@@ -101,7 +101,12 @@ impl OverlapMap {
             .insert((offset, kind), offset.saturating_add(len));
     }
 
-    /// Forgets every range that starts within `[offset, offset + len)` (clusters freed).
+    /// Forgets the structure of `kind` registered at `offset` (other kinds there stay).
+    pub(crate) fn remove(&mut self, offset: u64, kind: MetaKind) {
+        self.ranges.remove(&(offset, kind));
+    }
+
+    /// Forgets every range that starts within `[offset, offset + len)`.
     pub(crate) fn remove_range(&mut self, offset: u64, len: u64) {
         let end = offset.saturating_add(len);
         if end <= offset {

@@ -614,6 +614,7 @@ impl Refcounts {
         &mut self,
         io: &MetaIo<'_, B>,
         busy: &(dyn Fn(u64) -> bool + Sync),
+        protected: &(dyn Fn(u64) -> bool + Sync),
     ) -> Result<Vec<(u64, u64)>> {
         let cb = self.cluster_bits;
         let ready: Vec<(u64, u64)> = self
@@ -635,13 +636,17 @@ impl Refcounts {
                     ),
                 )
             })?;
-            if c == 0 && nv == 0 {
-                // Only a corrupt image references the header cluster from an L2 table (e.g. a
-                // compressed cluster stored in it); freeing it would let the host discard the header.
+            if nv == 0 && (c == 0 || protected(c << cb)) {
+                // Only a corrupt image references live metadata from an L2 entry (e.g. a compressed
+                // cluster stored in the header cluster, a data cluster on a refcount block); freeing
+                // it would let the allocator hand it out again and the host discard it.
                 return Err(Error::corrupt(
                     io.name,
-                    "dropping a reference would free the header cluster (an L2 entry points into it)"
-                        .to_string(),
+                    format!(
+                        "dropping a reference would free the cluster at {:#x}, which holds live \
+                         metadata (an L2 entry points into it)",
+                        c << cb
+                    ),
                 ));
             }
             new_values.push(nv);

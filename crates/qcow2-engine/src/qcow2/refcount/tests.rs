@@ -138,7 +138,10 @@ async fn alloc_increment_free_reuse_every_width() {
         rc.defer_decrement(a.offset, 3 * cs);
         assert!(rc.has_deferred());
         assert_eq!(rc.get(&io, a.offset + cs).await.unwrap(), 1);
-        let freed = rc.apply_deferred(&io, &|_| false).await.unwrap();
+        let freed = rc
+            .apply_deferred(&io, &|_| false, &|_| false)
+            .await
+            .unwrap();
         assert_eq!(freed, vec![(a.offset, 3 * cs)], "width {bits}");
         assert!(!rc.has_deferred());
         assert_eq!(rc.get(&io, a.offset).await.unwrap(), 0);
@@ -180,11 +183,17 @@ async fn deferred_decrements_wait_for_busy_clusters_and_underflow_is_corruption(
     let a = rc.alloc(&io, &mut map, 3).await.unwrap();
     rc.defer_decrement(a.offset, 3 * cs);
     let busy = a.offset + cs;
-    let freed = rc.apply_deferred(&io, &|o| o == busy).await.unwrap();
+    let freed = rc
+        .apply_deferred(&io, &|o| o == busy, &|_| false)
+        .await
+        .unwrap();
     assert_eq!(freed, vec![(a.offset, cs), (a.offset + 2 * cs, cs)]);
     assert!(rc.has_deferred());
     assert_eq!(rc.get(&io, busy).await.unwrap(), 1);
-    let freed = rc.apply_deferred(&io, &|_| false).await.unwrap();
+    let freed = rc
+        .apply_deferred(&io, &|_| false, &|_| false)
+        .await
+        .unwrap();
     assert_eq!(freed, vec![(busy, cs)]);
     // The lowest freed cluster comes back first.
     assert_eq!(rc.alloc(&io, &mut map, 1).await.unwrap().offset, a.offset);
@@ -193,7 +202,10 @@ async fn deferred_decrements_wait_for_busy_clusters_and_underflow_is_corruption(
     // error, and nothing changes.
     rc.defer_decrement(a.offset, 1);
     rc.defer_decrement(busy, 1);
-    let err = rc.apply_deferred(&io, &|_| false).await.unwrap_err();
+    let err = rc
+        .apply_deferred(&io, &|_| false, &|_| false)
+        .await
+        .unwrap_err();
     assert!(err.is_corruption(), "{err}");
     assert!(err.to_string().contains("underflow"), "{err}");
     assert_eq!(rc.get(&io, a.offset).await.unwrap(), 1);
@@ -238,7 +250,9 @@ async fn blocks_and_table_grow_self_describing() {
                 let f = live.remove(live.len() / 2);
                 rc.defer_decrement(f.offset, f.clusters * 512);
                 allocated -= f.clusters;
-                rc.apply_deferred(&io, &|_| false).await.unwrap();
+                rc.apply_deferred(&io, &|_| false, &|_| false)
+                    .await
+                    .unwrap();
             }
             if i.is_multiple_of(97) {
                 rc.write_back(&io, &map).await.unwrap();
@@ -352,7 +366,9 @@ async fn alloc_speed() {
         let a = rc.alloc(&io, &mut map, 1).await.unwrap();
         if i % 100 == 0 {
             rc.defer_decrement(a.offset, 1);
-            rc.apply_deferred(&io, &|_| false).await.unwrap();
+            rc.apply_deferred(&io, &|_| false, &|_| false)
+                .await
+                .unwrap();
         }
         if i % 32 == 31 {
             rc.write_back(&io, &map).await.unwrap();

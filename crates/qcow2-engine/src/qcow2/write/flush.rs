@@ -168,14 +168,16 @@ impl<B: Backend> Qcow2Layer<B> {
         }
         let tracker = &self.shared()?.tracker;
         let busy = |c: u64| tracker.is_busy(c);
-        let freed = w.refcounts.apply_deferred(&self.meta_io(), &busy).await?;
+        let cs = self.geom.cluster_size();
+        let overlap = &w.overlap;
+        let protected = |off: u64| overlap.check(off, cs, None).is_err();
+        let freed = w
+            .refcounts
+            .apply_deferred(&self.meta_io(), &busy, &protected)
+            .await?;
         for (off, len) in freed {
-            w.overlap.remove_range(off, len);
-            // Freed clusters of a corrupt image may still hold metadata another structure claims:
-            // never discard those on the host.
-            if w.overlap.check(off, len, None).is_err() {
-                continue;
-            }
+            // Never metadata (`protected` above refused that), so nothing to forget in the map and
+            // nothing live to discard.
             if let Err(e) = self.file.punch_hole(off, len).await {
                 tracing::debug!(file = %self.name, "punching freed clusters at {off:#x}: {e}");
             }

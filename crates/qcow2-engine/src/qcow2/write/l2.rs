@@ -118,6 +118,8 @@ impl<B: Backend> Qcow2Layer<B> {
                 }
                 let w = meta.w.as_deref_mut().ok_or(Error::ReadOnly)?;
                 if let Some(old) = old {
+                    // No longer an active L2 table (a snapshot may still use it): it may be freed.
+                    w.overlap.remove(old.0, MetaKind::ActiveL2);
                     w.refcounts.defer_decrement(old.0, cs);
                 }
                 meta.l1[idx] = new.offset | L1E_COPIED;

@@ -192,16 +192,6 @@ impl<B: Backend> Qcow2Layer<B> {
                 self.sync_file().await?;
             }
         }
-        if !bitmap_refs.is_empty() {
-            // The bit is durably clear: nothing references these clusters any more.
-            for (off, len) in bitmap_refs {
-                refcounts.defer_decrement(off, len);
-            }
-            // Freed, not punched: the overlap map that would vouch for the range is not built yet,
-            // and a hostile bitmap table may point at live metadata.
-            refcounts.apply_deferred(&io, &|_| false).await?;
-        }
-
         let mut overlap = OverlapMap::new();
         overlap.insert(0, cs, MetaKind::Header);
         let h = &header.header;
@@ -232,6 +222,17 @@ impl<B: Backend> Qcow2Layer<B> {
             );
         }
         refcounts.register_metadata(&mut overlap);
+        if !bitmap_refs.is_empty() {
+            // The bit is durably clear: nothing references these clusters any more. Freed, not
+            // punched; one that is live metadata too (a hostile bitmap table) is corruption.
+            for (off, len) in bitmap_refs {
+                refcounts.defer_decrement(off, len);
+            }
+            let protected = |off: u64| overlap.check(off, cs, None).is_err();
+            refcounts
+                .apply_deferred(&self.meta_io(), &|_| false, &protected)
+                .await?;
+        }
 
         self.meta.get_mut().w = Some(Box::new(WriteState {
             refcounts,
