@@ -12,13 +12,25 @@
 //! Repairs are ordered so that an interrupted repair leaves the image no worse than before (see
 //! docs/ARCHITECTURE.md, "Check and repair").
 
+mod fix;
+mod walk;
+
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
-use qcow2_io::{Backend, BackendOpen};
+use qcow2_format::header::IncompatibleFeatures;
+use qcow2_format::image_header::ImageHeader;
+use qcow2_format::refcount::{parse_reftable, RefcountOrder};
+use qcow2_format::snapshot::Snapshot;
+use qcow2_format::types::Geometry;
+use qcow2_io::{Backend, BackendOpen, OpenFlags};
 
 use crate::error::{Error, Result};
-use crate::image::Image;
+use crate::image::{Image, Layer};
 use crate::options::ImageFormat;
+use crate::qcow2::overlap::{MetaKind, OverlapMap};
+use crate::qcow2::refcount::MetaIo;
+use walk::RefMap;
 
 /// What a check may repair (`qemu-img check -r`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -73,13 +85,17 @@ pub struct CheckReport {
     /// The stderr lines of the repair pass ("Repairing cluster ...") when a second pass was run; empty
     /// otherwise (then the repair pass is the final one and its lines are in `messages`).
     pub repair_messages: Vec<String>,
+    /// Set when the check could not complete (an unreadable table, a repair write refused or failed):
+    /// qemu-img then prints only `Check failed: <this>` after the stderr lines, and exits with 1.
+    /// `check_errors` is nonzero too.
+    pub failed: Option<String>,
 }
 
 impl CheckReport {
     /// qemu-img check's exit code: 1 if the check could not complete, else 2 with corruptions, else 3
     /// with leaks, else 0.
     pub fn exit_code(&self) -> i32 {
-        if self.check_errors > 0 {
+        if self.check_errors > 0 || self.failed.is_some() {
             1
         } else if self.corruptions > 0 {
             2
@@ -96,6 +112,375 @@ impl CheckReport {
     }
 }
 
+/// The counters of one pass (QEMU's `BdrvCheckResult`).
+#[derive(Debug, Clone, Default)]
+struct Counters {
+    check_errors: u64,
+    corruptions: u64,
+    leaks: u64,
+    corruptions_fixed: u64,
+    leaks_fixed: u64,
+    image_end_offset: u64,
+    total_clusters: u64,
+    allocated_clusters: u64,
+    fragmented_clusters: u64,
+    compressed_clusters: u64,
+}
+
+/// A pass stopped early (an unreadable table): the counters so far stand, with a check error.
+#[derive(Debug)]
+struct PassAbort;
+
+/// Control flow of a pass step.
+type Flow<T> = std::result::Result<T, PassAbort>;
+
+/// One pass over an image: what was read, what was counted, what was found.
+struct Pass<'a, B> {
+    file: &'a B,
+    name: &'a str,
+    header: ImageHeader,
+    geom: Geometry,
+    order: RefcountOrder,
+    file_len: u64,
+    has_data_file: bool,
+    /// What this pass may repair.
+    fix: Repair,
+    res: Counters,
+    /// stderr lines, in order.
+    msgs: Vec<String>,
+    /// Computed references per cluster.
+    refs: RefMap,
+    /// Clusters to compare: the file's, and any referenced cluster past them.
+    nb_clusters: u64,
+    /// End of the furthest range anything points at (counted or not).
+    max_ref_end: u64,
+    /// The stored refcounts cannot be trusted: a new structure is needed (QEMU's `rebuild`).
+    rebuild: bool,
+    /// Metadata ranges, for the overlap checks of repair writes.
+    map: OverlapMap,
+    /// Raw refcount table entries and where the table is.
+    reftable: Vec<u64>,
+    reftable_offset: u64,
+    /// The ranges the refcount structure itself occupies (counted), freed by a rebuild.
+    old_structure: Vec<(u64, u64)>,
+    /// Stored refcount blocks read so far (by table index), and those changed.
+    blocks: HashMap<u64, Vec<u8>>,
+    dirty_blocks: BTreeSet<u64>,
+    /// The active L1 table (raw entries, as on disk after this pass's repairs).
+    l1: Vec<u64>,
+    snapshots: Vec<Snapshot>,
+    snapshot_table_len: u64,
+    /// Entries were dropped and not yet synced.
+    need_sync: bool,
+    /// A corruption event was reported (QEMU reports the first one per image only).
+    signalled: bool,
+    /// Entries to give copies of their clusters (repair of refcount overflows).
+    copies: Vec<walk::Copy>,
+}
+
+impl<'a, B: Backend> Pass<'a, B> {
+    /// Reads the header, the active L1 table, the refcount table and the snapshot table. Errors here
+    /// are what makes QEMU refuse to open the image.
+    async fn load(file: &'a B, name: &'a str, fix: Repair) -> Result<Pass<'a, B>> {
+        let file_len = file
+            .len()
+            .await
+            .map_err(Error::io(name, "get file length", 0))?;
+        let header = crate::qcow2::read_image_header(file, name, file_len).await?;
+        let geom = header.geometry();
+        let l1_bytes = header.l1_table_bytes();
+        let l1 = read_exact(
+            file,
+            name,
+            header.l1_table_offset().0,
+            l1_bytes,
+            "read L1 table",
+        )
+        .await?;
+        let reftable_offset = header.refcount_table_offset().0;
+        let rt = read_exact(
+            file,
+            name,
+            reftable_offset,
+            header.refcount_table_bytes(),
+            "read refcount table",
+        )
+        .await?;
+        let (snapshots, snapshot_table_len) =
+            crate::qcow2::snapshots::read_snapshot_table(file, name, &header, file_len).await?;
+        let cs = geom.cluster_size();
+        let res = Counters {
+            total_clusters: header.virtual_size().div_ceil(cs),
+            ..Counters::default()
+        };
+        Ok(Pass {
+            file,
+            name,
+            geom,
+            order: header.refcount_order(),
+            has_data_file: header.has_data_file(),
+            file_len,
+            fix,
+            res,
+            msgs: Vec::new(),
+            refs: RefMap::default(),
+            nb_clusters: file_len.div_ceil(cs),
+            max_ref_end: 0,
+            rebuild: false,
+            map: OverlapMap::new(),
+            reftable: parse_reftable(&rt),
+            reftable_offset,
+            old_structure: Vec::new(),
+            blocks: HashMap::new(),
+            dirty_blocks: BTreeSet::new(),
+            l1: qcow2_format::l1::parse_l1_table(&l1),
+            snapshots,
+            snapshot_table_len,
+            need_sync: false,
+            signalled: false,
+            copies: Vec::new(),
+            header,
+        })
+    }
+
+    fn cs(&self) -> u64 {
+        self.geom.cluster_size()
+    }
+
+    /// Refcount entries per block.
+    fn epb(&self) -> u64 {
+        self.order.entries_per_block(self.geom.cluster_bits)
+    }
+
+    /// Clusters the file covers (the last one possibly partial).
+    fn file_clusters(&self) -> u64 {
+        self.file_len.div_ceil(self.cs())
+    }
+
+    fn meta_io(&self) -> MetaIo<'_, B> {
+        MetaIo {
+            file: self.file,
+            name: self.name,
+            geom: self.geom,
+        }
+    }
+
+    /// A corruption, with its stderr line.
+    fn error(&mut self, msg: String) {
+        self.res.corruptions += 1;
+        self.msgs.push(msg);
+    }
+
+    /// A check error (the check could not do something), with its stderr line.
+    fn check_error(&mut self, msg: String) {
+        self.res.check_errors += 1;
+        self.msgs.push(msg);
+    }
+
+    /// A corruption found and repaired, with its stderr line.
+    fn fixed_corruption(&mut self, msg: String) {
+        self.res.corruptions_fixed += 1;
+        self.msgs.push(msg);
+    }
+
+    /// Reads `len` bytes at `off` (zeros past the end of the file); on failure records a check error
+    /// with `err` and returns `None`.
+    async fn read(&mut self, off: u64, len: u64, err: &str) -> Option<Vec<u8>> {
+        match read_exact(self.file, self.name, off, len, "read").await {
+            Ok(b) => Some(b),
+            Err(e) => {
+                self.check_error(format!("{err}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Overlap-checks and writes a repair; on refusal or failure records a check error and returns
+    /// false.
+    async fn write(
+        &mut self,
+        off: u64,
+        data: Vec<u8>,
+        own: Option<(MetaKind, u64)>,
+        what: &'static str,
+    ) -> bool {
+        let io = self.meta_io();
+        match crate::qcow2::refcount::write_checked(&io, &self.map, off, data, own, what).await {
+            Ok(()) => true,
+            Err(e) => {
+                self.check_error(format!("ERROR: Could not {what}: {e}"));
+                false
+            }
+        }
+    }
+
+    /// fdatasync; on failure records a check error and returns false.
+    async fn sync(&mut self) -> bool {
+        self.need_sync = false;
+        match crate::qcow2::refcount::sync(&self.meta_io()).await {
+            Ok(()) => true,
+            Err(e) => {
+                self.check_error(format!("ERROR: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Syncs when entries were dropped since the last sync.
+    async fn sync_if_needed(&mut self) {
+        if self.need_sync {
+            self.sync().await;
+        }
+    }
+
+    /// QEMU's `qcow2_check_refcounts` followed by the marking of `qcow2_co_check_locked`. Returns the
+    /// finished pass (possibly replaced by a recount after a rebuild) and whether it completed.
+    async fn run(mut self) -> Result<(Pass<'a, B>, bool)> {
+        if self.calculate().await.is_err() || self.make_copies().await.is_err() {
+            return Ok((self, false));
+        }
+        let pre = self.res.clone();
+        let mut highest = self.compare(Repair::None).await;
+        if self.rebuild && self.fix == Repair::All {
+            self.msgs.push("Rebuilding refcount structure".into());
+            let old = self.res.clone();
+            if !self.rebuild_structure().await {
+                return Ok((self, false));
+            }
+            // The references are recounted over the new structure; what the first count found in the
+            // refcounts is now fixed.
+            let mut next = Pass::load(self.file, self.name, Repair::None).await?;
+            next.msgs = std::mem::take(&mut self.msgs);
+            next.res = Counters {
+                corruptions: 0,
+                leaks: 0,
+                ..self.res.clone()
+            };
+            if next.calculate().await.is_err() {
+                return Ok((next, false));
+            }
+            let saved = next.res.clone();
+            highest = next.compare(Repair::None).await;
+            if next.rebuild || next.res.corruptions > saved.corruptions {
+                next.msgs
+                    .push("ERROR rebuilt refcount structure is still broken".into());
+            }
+            let fresh_leaks = next.res.leaks - saved.leaks;
+            next.res = saved;
+            next.res.corruptions_fixed += old.corruptions.saturating_sub(next.res.corruptions);
+            next.res.leaks_fixed += old.leaks.saturating_sub(next.res.leaks);
+            next.res.leaks += fresh_leaks;
+            next.fix = self.fix;
+            self = next;
+        } else if self.fix != Repair::None {
+            if self.rebuild {
+                self.check_error("ERROR need to rebuild refcount structures".into());
+                return Ok((self, false));
+            }
+            if self.res.leaks > 0 || self.res.corruptions > 0 {
+                self.res = pre;
+                highest = self.compare(self.fix).await;
+            }
+        }
+        if self.check_copied().await.is_err() {
+            return Ok((self, false));
+        }
+        self.res.image_end_offset = (highest + 1) * self.cs();
+        if self.fix != Repair::None && self.res.check_errors == 0 && self.res.corruptions == 0 {
+            self.mark_clean().await;
+        }
+        Ok((self, true))
+    }
+
+    /// Clears the lazy-refcounts dirty bit and the corrupt bit (QEMU's `qcow2_mark_clean` and
+    /// `qcow2_mark_consistent`), after a repair that left no corruption.
+    async fn mark_clean(&mut self) {
+        let h = &self.header.header;
+        let bits = h
+            .incompatible
+            .with(IncompatibleFeatures::DIRTY, false)
+            .with(IncompatibleFeatures::CORRUPT, false);
+        if bits == h.incompatible {
+            return;
+        }
+        let data = bits.0.to_be_bytes().to_vec();
+        if self
+            .write(72, data, Some((MetaKind::Header, 0)), "write header")
+            .await
+        {
+            self.sync().await;
+        }
+    }
+
+    /// The report of this pass.
+    fn report(self, completed: bool) -> CheckReport {
+        let r = self.res;
+        CheckReport {
+            filename: self.name.to_owned(),
+            format: "qcow2".into(),
+            check_errors: r.check_errors,
+            corruptions: r.corruptions,
+            leaks: r.leaks,
+            corruptions_fixed: r.corruptions_fixed,
+            leaks_fixed: r.leaks_fixed,
+            image_end_offset: r.image_end_offset,
+            total_clusters: r.total_clusters,
+            allocated_clusters: r.allocated_clusters,
+            fragmented_clusters: r.fragmented_clusters,
+            compressed_clusters: r.compressed_clusters,
+            failed: (!completed).then(|| {
+                self.msgs
+                    .last()
+                    .cloned()
+                    .unwrap_or_else(|| "Input/output error".into())
+            }),
+            messages: self.msgs,
+            repair_messages: Vec::new(),
+        }
+    }
+}
+
+/// Reads exactly `len` bytes at `off` (zeros past the end of the file).
+async fn read_exact<B: Backend>(
+    file: &B,
+    name: &str,
+    off: u64,
+    len: u64,
+    what: &'static str,
+) -> Result<Vec<u8>> {
+    let n = usize::try_from(len).map_err(|_| {
+        Error::corrupt(
+            name,
+            format!("{what}: {len} bytes at {off:#x} do not fit in memory"),
+        )
+    })?;
+    let (res, buf) = file.read_at(crate::buf::io_buf(n), off).await;
+    res.map_err(Error::io(name, what, off))?;
+    Ok(buf.to_vec())
+}
+
+/// Checks the qcow2 image in `file` as qemu-img would: one pass with `repair`, and when it fixed
+/// anything, a second read-only pass whose counters are reported.
+async fn check_backend<B: Backend>(file: &B, name: &str, repair: Repair) -> Result<CheckReport> {
+    let (pass, done) = Pass::load(file, name, repair).await?.run().await?;
+    let first = pass.report(done);
+    if repair == Repair::None || !first.repaired() || first.failed.is_some() {
+        return Ok(first);
+    }
+    let (pass, done) = Pass::load(file, name, Repair::None).await?.run().await?;
+    let mut report = pass.report(done);
+    report.corruptions_fixed = first.corruptions_fixed;
+    report.leaks_fixed = first.leaks_fixed;
+    report.repair_messages = first.messages;
+    Ok(report)
+}
+
+/// Whether `file` starts with the qcow2 magic.
+async fn is_qcow2<B: Backend>(file: &B, name: &str) -> Result<bool> {
+    let magic = read_exact(file, name, 0, 4, "read header").await?;
+    Ok(magic == b"QFI\xfb")
+}
+
 /// Checks (and with `repair`, repairs) the image file at `path` as `qemu-img check [-r ...]` does.
 ///
 /// Only the named file is checked (its backing file is not opened). `format` as `-f`; `None` probes.
@@ -108,22 +493,53 @@ pub async fn check_file<B: BackendOpen>(
     format: Option<ImageFormat>,
     repair: Repair,
 ) -> Result<CheckReport> {
-    let _ = (format, repair);
-    Err(Error::Unsupported {
-        path: path.display().to_string(),
-        what: "check (not implemented yet)".into(),
-    })
+    let name = path.display().to_string();
+    let flags = OpenFlags {
+        read_only: repair == Repair::None,
+        ..OpenFlags::default()
+    };
+    let file = B::open(path, flags)
+        .await
+        .map_err(Error::io(&name, "open", 0))?;
+    if format == Some(ImageFormat::Raw) || !is_qcow2(&file, &name).await? {
+        return Err(unsupported(&name));
+    }
+    check_backend(&file, &name, repair).await
+}
+
+/// The error for an image format without checks (raw).
+fn unsupported(name: &str) -> Error {
+    Error::Unsupported {
+        path: name.to_owned(),
+        what: "checks of this image format (This image format does not support checks)".into(),
+    }
 }
 
 impl<B: Backend> Image<B> {
-    /// Checks this image (the top of the chain) as `qemu-img check` would, and with `repair` repairs
-    /// it. A read-write handle is flushed first and its metadata lock held for the duration, so the
-    /// check sees a quiescent image; requests wait meanwhile. Repair needs a read-write handle.
+    /// Checks this image (the top of the chain) as `qemu-img check` would.
+    ///
+    /// A read-write handle first writes back all its metadata (refcounts too, also with lazy
+    /// refcounts) and holds its metadata lock for the duration, so the check sees a quiescent,
+    /// consistent image; requests wait meanwhile. Clusters whose release is deferred because a request
+    /// still uses them show as leaks. Repair needs exclusive access to the file: use [`check_file`] on
+    /// a closed image (`Repair::None` only here; anything else is [`Error::Unsupported`]).
     pub async fn check(&self, repair: Repair) -> Result<CheckReport> {
-        let _ = repair;
-        Err(Error::Unsupported {
-            path: self.filename().to_owned(),
-            what: "check (not implemented yet)".into(),
-        })
+        let Layer::Qcow2(q) = &self.inner.layer else {
+            return Err(unsupported(self.filename()));
+        };
+        if repair != Repair::None {
+            return Err(Error::Unsupported {
+                path: self.filename().to_owned(),
+                what: "repair of an open image (close it and use check_file)".into(),
+            });
+        }
+        let mut meta = q.meta.lock().await;
+        if meta.w.is_some() {
+            q.check_usable()?;
+            q.write_back_all(&mut meta).await?;
+        }
+        let report = check_backend(&q.file, &q.name, Repair::None).await;
+        drop(meta);
+        report
     }
 }

@@ -11,13 +11,13 @@ mod entry;
 mod open;
 // Wired into the write path as it lands (issue 3); until then parts are unused.
 #[allow(dead_code)]
-mod overlap;
+pub(crate) mod overlap;
 mod prealloc;
 #[allow(dead_code)]
-mod rebuild;
+pub(crate) mod rebuild;
 #[allow(dead_code)]
-mod refcount;
-mod snapshots;
+pub(crate) mod refcount;
+pub(crate) mod snapshots;
 pub(crate) mod write;
 
 use std::sync::atomic::{AtomicU64, Ordering};

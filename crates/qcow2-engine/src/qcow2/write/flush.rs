@@ -178,6 +178,20 @@ impl<B: Backend> Qcow2Layer<B> {
         self.flush_metadata(&mut meta).await
     }
 
+    /// Everything in memory to disk, refcount blocks included also with lazy refcounts (the dirty bit
+    /// stays as it is), ending durable: what a consistency check of an open image needs first.
+    pub(crate) async fn write_back_all(&self, meta: &mut Metadata) -> Result<()> {
+        self.flush_metadata(meta).await?;
+        let io = self.meta_io();
+        let Some(w) = meta.w.as_deref_mut() else {
+            return Ok(());
+        };
+        if w.refcounts.write_back(&io, &w.overlap).await? {
+            self.sync_file().await?;
+        }
+        Ok(())
+    }
+
     /// Clean close: flush, then write the refcount blocks (also with lazy refcounts, and the
     /// decrements just applied), sync, and clear the dirty bit this handle set.
     pub(crate) async fn close(&self) -> Result<()> {
@@ -186,14 +200,10 @@ impl<B: Backend> Qcow2Layer<B> {
         }
         let mut meta = self.meta.lock().await;
         self.check_usable()?;
-        self.flush_metadata(&mut meta).await?;
-        let io = self.meta_io();
+        self.write_back_all(&mut meta).await?;
         let Some(w) = meta.w.as_deref_mut() else {
             return Ok(());
         };
-        if w.refcounts.write_back(&io, &w.overlap).await? {
-            self.sync_file().await?;
-        }
         if w.dirty_marked {
             let bits = w
                 .header
