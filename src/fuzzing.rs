@@ -4,7 +4,7 @@
 //! Each function must return normally for every input: a panic, a hang or an unbounded allocation is a
 //! bug. Errors are expected outcomes and are ignored.
 
-use qcow2_engine::{Image, OpenOptions, Repair};
+use qcow2_engine::{check_file, Image, ImageFormat, OpenOptions, Repair};
 use qcow2_format::compressed::{compress, decompress, CompressedDescriptor};
 use qcow2_format::extensions::{parse_extensions, serialize_extensions, ExtensionContext};
 use qcow2_format::header::CompressionType;
@@ -22,7 +22,7 @@ use qcow2_format::refcount::{
 };
 use qcow2_format::snapshot::{parse_snapshot_table, serialize_snapshot_table};
 use qcow2_format::types::Geometry;
-use qcow2_io::{Backend, MemoryBackend};
+use qcow2_io::{Backend, MemoryBackend, StdFileBackend};
 
 /// Parses `data` as the first cluster of an image: header, extensions (backing format, feature name
 /// table, bitmaps, external data file name, encryption pointer, unknown ones), backing file name,
@@ -535,6 +535,32 @@ fn assert_header_invariant(before: &[u8], after: &[u8], what: &str) {
     same(96, HDR_V3_END, "refcount_order/header_length");
 }
 
+/// Runs `check -r all` (`check_file` with `Repair::All`, a fresh read-write open) on a copy of `bytes`
+/// in a temporary file, then checks the repaired file again: when the repair's final pass reported no
+/// corruption and no check error, a new check must agree.
+async fn repair_all(bytes: &[u8]) -> bool {
+    // One file per process (libFuzzer runs one input at a time); removed after use.
+    let path = std::env::temp_dir().join(format!("qcow2-fuzz-rw-{}.img", std::process::id()));
+    if std::fs::write(&path, bytes).is_err() {
+        return false;
+    }
+    let report = check_file::<StdFileBackend>(&path, Some(ImageFormat::Qcow2), Repair::All).await;
+    if let Ok(r) = &report {
+        if r.failed.is_none() && r.check_errors == 0 && r.corruptions == 0 {
+            let again = check_file::<StdFileBackend>(&path, Some(ImageFormat::Qcow2), Repair::None)
+                .await
+                .expect("a repaired image checks again");
+            assert_eq!(
+                (again.corruptions, again.check_errors),
+                (0, 0),
+                "the repair reported a clean image but a new check finds {again:?} (repair: {r:?})"
+            );
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+    report.is_ok_and(|r| r.failed.is_none())
+}
+
 /// The first [`HDR_V3_END`] bytes of the file (fewer if it is shorter).
 async fn header_bytes(b: &MemoryBackend) -> Vec<u8> {
     let (r, buf) = b.read_at(bytes::BytesMut::zeroed(HDR_V3_END), 0).await;
@@ -546,15 +572,37 @@ async fn header_bytes(b: &MemoryBackend) -> Vec<u8> {
 /// to 8 scripted requests (reads, writes, zero writes, discards, flushes; at most 64 KiB each) and
 /// closes it; after every successful mutating request the header invariant
 /// ([`assert_header_invariant`]) must hold. Then runs `Image::check` on a fresh read-only open, and
-/// `Image::check(Repair::All)` on a fresh read-write open. Errors are expected outcomes; a panic, a hang
+/// `check_file(Repair::All)` (what `qcow2 check -r all` runs, a fresh read-write open) on a copy in a
+/// temporary file, and when that repair reports a clean image, a new check must find it clean too. Errors are expected outcomes; a panic, a hang
 /// or an unbounded allocation is a bug.
 pub fn rw_check(data: &[u8]) {
+    let _ = rw_check_stats(data);
+}
+
+/// What one [`rw_check`] run did (for the corpus replay test to show that the corpus exercises
+/// something).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RwStats {
+    /// The image opened read-write.
+    pub opened: bool,
+    /// Mutating requests (writes, zero writes, discards, flushes) that succeeded.
+    pub mutations_ok: usize,
+    /// The read-only check of the closed image completed.
+    pub checked: bool,
+    /// `check -r all` completed.
+    pub repaired: bool,
+}
+
+/// [`rw_check`], returning what it did.
+pub fn rw_check_stats(data: &[u8]) -> RwStats {
+    let mut stats = RwStats::default();
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .expect("a current-thread runtime without I/O drivers always builds");
     rt.block_on(async {
         let backend = MemoryBackend::from_vec(data.to_vec()).with_max_size(RW_MAX_FILE);
         let opts = OpenOptions {
+            read_only: false,
             follow_backing: false,
             l2_cache_bytes: Some(64 << 10),
             ..OpenOptions::default()
@@ -566,6 +614,7 @@ pub fn rw_check(data: &[u8]) {
         let Ok(image) = Image::open_backend(backend.clone(), "fuzz.img", &opts).await else {
             return;
         };
+        stats.opened = true;
         let baseline = header_bytes(&backend).await;
         let size = image.virtual_size();
         let mut buf = vec![0u8; RW_MAX_REQUEST as usize];
@@ -586,6 +635,7 @@ pub fn rw_check(data: &[u8]) {
                 RwOp::Flush => image.flush().await.is_ok(),
             };
             if mutated {
+                stats.mutations_ok += 1;
                 assert_header_invariant(
                     &baseline,
                     &header_bytes(&backend).await,
@@ -599,15 +649,18 @@ pub fn rw_check(data: &[u8]) {
         }
         drop(image);
         let bytes = backend.contents();
-        if let Ok(image) =
-            Image::open_backend(MemoryBackend::from_vec(bytes.clone()), "fuzz.img", &ro).await
+        let before_repair = match Image::open_backend(
+            MemoryBackend::from_vec(bytes.clone()),
+            "fuzz.img",
+            &ro,
+        )
+        .await
         {
-            let _ = image.check(Repair::None).await;
-        }
-        let repaired = MemoryBackend::from_vec(bytes).with_max_size(RW_MAX_FILE);
-        if let Ok(image) = Image::open_backend(repaired, "fuzz.img", &opts).await {
-            let _ = image.check(Repair::All).await;
-            let _ = image.close().await;
-        }
+            Ok(image) => image.check(Repair::None).await.ok(),
+            Err(_) => None,
+        };
+        stats.checked = before_repair.as_ref().is_some_and(|r| r.failed.is_none());
+        stats.repaired = repair_all(&bytes).await;
     });
+    stats
 }

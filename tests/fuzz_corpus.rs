@@ -50,6 +50,31 @@ fn decode_corpus() {
 #[test]
 fn rw_check_corpus() {
     replay("rw_check", 1, qcow2::fuzzing::rw_check);
+    // The committed qemu-img seeds must exercise the whole target: open, requests, check, repair.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/rw_check");
+    let (mut opened, mut mutated, mut checked, mut repaired) = (0, 0, 0, 0);
+    for name in [
+        "qemu-plain",
+        "qemu-xl2",
+        "qemu-comp",
+        "qemu-snap",
+        "qemu-rc1",
+        "qemu-lazy",
+    ] {
+        let data = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("seed {name}: {e}"));
+        let s = qcow2::fuzzing::rw_check_stats(&data);
+        opened += usize::from(s.opened);
+        mutated += s.mutations_ok;
+        checked += usize::from(s.checked);
+        repaired += usize::from(s.repaired);
+    }
+    println!("rw_check seeds: {opened} opened, {mutated} requests succeeded, {checked} checked, {repaired} repaired");
+    assert_eq!(
+        (opened, checked, repaired),
+        (6, 6, 6),
+        "a qemu-img seed failed a step"
+    );
+    assert!(mutated > 0, "no scripted request succeeded on the seeds");
 }
 
 #[test]

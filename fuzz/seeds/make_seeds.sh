@@ -50,8 +50,20 @@ n=$((n + 1))
 echo "header: $n seeds"
 
 m=0
-img() { # name: copy a finished image into the rw_check seeds
-    cp "$1" "$out/rw_check/qemu-${1%.qcow2}"
+# The request script rw_check reads from the last 64 bytes of its input (see src/fuzzing.rs,
+# rw_script): 8 requests of [kind, offset/512 (be32), length-1 (be16), pattern]; kind % 5: 0 read,
+# 1 write, 2 zero write (bit 7: unmap), 3 discard, 4 flush. Appended to each image (bytes past the
+# image's last cluster do not change what it holds).
+script() {
+    python3 - <<'PY'
+import struct, sys
+ops = [(1, 0, 4095, 0xa1), (2, 128, 65535, 0), (3, 1024, 8191, 0), (4, 0, 0, 0),
+       (1, 1000, 2999, 0xa2), (0, 0, 8191, 0), (0x82, 64, 1023, 0), (1, 2040, 511, 0xa3)]
+sys.stdout.buffer.write(b"".join(struct.pack(">BIHB", *o) for o in ops))
+PY
+}
+img() { # name: copy a finished image, with the request script appended, into the rw_check seeds
+    cat "$1" <(script) > "$out/rw_check/qemu-${1%.qcow2}"
     m=$((m + 1))
 }
 io() { qemu-io -f qcow2 "$@" >/dev/null; }
