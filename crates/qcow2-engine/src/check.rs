@@ -161,8 +161,6 @@ struct Pass<'a, B> {
     /// Raw refcount table entries and where the table is.
     reftable: Vec<u64>,
     reftable_offset: u64,
-    /// The ranges the refcount structure itself occupies (counted), freed by a rebuild.
-    old_structure: Vec<(u64, u64)>,
     /// Stored refcount blocks read so far (by table index), and those changed.
     blocks: HashMap<u64, Vec<u8>>,
     dirty_blocks: BTreeSet<u64>,
@@ -174,6 +172,8 @@ struct Pass<'a, B> {
     need_sync: bool,
     /// A corruption event was reported (QEMU reports the first one per image only).
     signalled: bool,
+    /// Why the pass stopped, as qemu-img words it (`strerror`), when not an I/O error.
+    failure: Option<String>,
     /// Entries to give copies of their clusters (repair of refcount overflows).
     copies: Vec<walk::Copy>,
 }
@@ -230,7 +230,6 @@ impl<'a, B: Backend> Pass<'a, B> {
             map: OverlapMap::new(),
             reftable: parse_reftable(&rt),
             reftable_offset,
-            old_structure: Vec::new(),
             blocks: HashMap::new(),
             dirty_blocks: BTreeSet::new(),
             l1: qcow2_format::l1::parse_l1_table(&l1),
@@ -238,6 +237,7 @@ impl<'a, B: Backend> Pass<'a, B> {
             snapshot_table_len,
             need_sync: false,
             signalled: false,
+            failure: None,
             copies: Vec::new(),
             header,
         })
@@ -283,9 +283,11 @@ impl<'a, B: Backend> Pass<'a, B> {
         self.msgs.push(msg);
     }
 
-    /// Reads `len` bytes at `off` (zeros past the end of the file); on failure records a check error
-    /// with `err` and returns `None`.
+    /// Reads the part of `[off, off + len)` that lies inside the file (what lies past its end reads as
+    /// zeros, so callers treat missing bytes as zeros, and a hostile offset costs no work); on failure
+    /// records a check error with `err` and returns `None`.
     async fn read(&mut self, off: u64, len: u64, err: &str) -> Option<Vec<u8>> {
+        let len = len.min(self.file_len.saturating_sub(off));
         match read_exact(self.file, self.name, off, len, "read").await {
             Ok(b) => Some(b),
             Err(e) => {
@@ -336,6 +338,12 @@ impl<'a, B: Backend> Pass<'a, B> {
     /// QEMU's `qcow2_check_refcounts` followed by the marking of `qcow2_co_check_locked`. Returns the
     /// finished pass (possibly replaced by a recount after a rebuild) and whether it completed.
     async fn run(mut self) -> Result<(Pass<'a, B>, bool)> {
+        // QEMU's limit: the in-memory counts of a larger file would not fit its arrays.
+        if self.file_clusters() > i32::MAX as u64 {
+            self.res.check_errors += 1;
+            self.failure = Some("File too large".into());
+            return Ok((self, false));
+        }
         if self.calculate().await.is_err() || self.make_copies().await.is_err() {
             return Ok((self, false));
         }
@@ -359,13 +367,16 @@ impl<'a, B: Backend> Pass<'a, B> {
             if next.calculate().await.is_err() {
                 return Ok((next, false));
             }
+            // The old structure is now leaked: free it (the counters of this comparison are not
+            // kept, as in QEMU, except leaks it could not fix).
             let saved = next.res.clone();
-            highest = next.compare(Repair::None).await;
-            if next.rebuild || next.res.corruptions > saved.corruptions {
+            next.res = Counters::default();
+            highest = next.compare(Repair::Leaks).await;
+            if next.rebuild {
                 next.msgs
                     .push("ERROR rebuilt refcount structure is still broken".into());
             }
-            let fresh_leaks = next.res.leaks - saved.leaks;
+            let fresh_leaks = next.res.leaks;
             next.res = saved;
             next.res.corruptions_fixed += old.corruptions.saturating_sub(next.res.corruptions);
             next.res.leaks_fixed += old.leaks.saturating_sub(next.res.leaks);
@@ -428,12 +439,10 @@ impl<'a, B: Backend> Pass<'a, B> {
             allocated_clusters: r.allocated_clusters,
             fragmented_clusters: r.fragmented_clusters,
             compressed_clusters: r.compressed_clusters,
-            failed: (!completed).then(|| {
-                self.msgs
-                    .last()
-                    .cloned()
-                    .unwrap_or_else(|| "Input/output error".into())
-            }),
+            // QEMU's check returns -EIO for every failure but the size limit; qemu-img prints its
+            // strerror.
+            failed: (!completed)
+                .then(|| self.failure.unwrap_or_else(|| "Input/output error".into())),
             messages: self.msgs,
             repair_messages: Vec::new(),
         }
@@ -459,9 +468,18 @@ async fn read_exact<B: Backend>(
     Ok(buf.to_vec())
 }
 
-/// Checks the qcow2 image in `file` as qemu-img would: one pass with `repair`, and when it fixed
-/// anything, a second read-only pass whose counters are reported.
-async fn check_backend<B: Backend>(file: &B, name: &str, repair: Repair) -> Result<CheckReport> {
+/// Checks (and with `repair`, repairs) the qcow2 image in `file`, which nothing else may use meanwhile,
+/// as qemu-img would: one pass with `repair`, and when it fixed anything, a second read-only pass whose
+/// counters are reported. `name` is used in messages and the report. For images that live outside
+/// the file system (an in-memory backend); [`check_file`] opens a path first.
+pub async fn check_backend<B: Backend>(
+    file: &B,
+    name: &str,
+    repair: Repair,
+) -> Result<CheckReport> {
+    if !is_qcow2(file, name).await? {
+        return Err(unsupported(name));
+    }
     let (pass, done) = Pass::load(file, name, repair).await?.run().await?;
     let first = pass.report(done);
     if repair == Repair::None || !first.repaired() || first.failed.is_some() {
@@ -501,7 +519,7 @@ pub async fn check_file<B: BackendOpen>(
     let file = B::open(path, flags)
         .await
         .map_err(Error::io(&name, "open", 0))?;
-    if format == Some(ImageFormat::Raw) || !is_qcow2(&file, &name).await? {
+    if format == Some(ImageFormat::Raw) {
         return Err(unsupported(&name));
     }
     check_backend(&file, &name, repair).await
@@ -538,7 +556,10 @@ impl<B: Backend> Image<B> {
             q.check_usable()?;
             q.write_back_all(&mut meta).await?;
         }
-        let report = check_backend(&q.file, &q.name, Repair::None).await;
+        let report = match Pass::load(&q.file, &q.name, Repair::None).await {
+            Ok(pass) => pass.run().await.map(|(p, done)| p.report(done)),
+            Err(e) => Err(e),
+        };
         drop(meta);
         report
     }

@@ -53,7 +53,7 @@ pub mod status;
 mod write;
 
 pub use chain::MAX_CHAIN_DEPTH;
-pub use check::{check_file, CheckReport, Repair};
+pub use check::{check_backend, check_file, CheckReport, Repair};
 pub use create::{CompressionType, CreateError, CreateOptions, Preallocation, Version};
 pub use error::{Error, Result};
 pub use image::Image;

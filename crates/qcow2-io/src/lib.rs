@@ -10,6 +10,8 @@
 //! - [`UringBackend`]: io_uring through tokio-uring; only inside a tokio-uring runtime
 //!   (current-thread, thread-per-core). Its futures are not `Send`.
 //! - [`MemoryBackend`]: a growable byte vector, for tests and fuzzing.
+//! - [`FaultBackend`]: an in-memory backend that simulates power cuts, injects I/O errors and completes
+//!   operations in a seeded order, for crash-consistency and deterministic-simulation tests.
 //! - [`LocalBackend`]: io_uring when the kernel allows it, else the std backend, chosen at open with one
 //!   log line; for current-thread runtimes.
 //!
@@ -27,6 +29,7 @@ use std::path::Path;
 use bytes::{Bytes, BytesMut};
 
 pub mod aligned;
+pub mod fault;
 pub mod local;
 pub mod memory;
 mod pool;
@@ -36,6 +39,7 @@ mod sys;
 pub mod uring;
 
 pub use aligned::{AlignedBuf, DIRECT_ALIGN};
+pub use fault::{CutMode, FaultBackend, InjectedError, OpKind};
 pub use local::{in_uring_runtime, start_local, uring_available, LocalBackend};
 pub use memory::MemoryBackend;
 pub use std_file::StdFileBackend;

@@ -64,8 +64,9 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
                 .file
                 .read_at(crate::buf::io_buf(cs as usize), off)
                 .await;
-            if let Err(e) = res {
-                return Err(Unreadable(e.to_string()));
+            if res.is_err() {
+                // QEMU's block layer fails such reads (out of range offsets included) with EIO.
+                return Err(Unreadable("Input/output error".into()));
             }
             self.blocks.insert(ti, buf.to_vec());
         }
@@ -191,13 +192,20 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
     pub(super) fn free_end(&self) -> u64 {
         let cs = self.cs();
         let mut end = self.file_len.max(self.max_ref_end);
+        // Old refcount blocks inside the file (one past its end holds nothing: zeros).
         for &raw in &self.reftable {
-            end = end.max((raw & REFT_OFFSET_MASK).saturating_add(cs));
+            let off = raw & REFT_OFFSET_MASK;
+            if off < self.file_len {
+                end = end.max(off.saturating_add(cs));
+            }
         }
-        end.max(
-            self.reftable_offset
-                .saturating_add(self.reftable.len() as u64 * 8),
-        )
+        if self.reftable_offset < self.file_len {
+            end = end.max(
+                self.reftable_offset
+                    .saturating_add(self.reftable.len() as u64 * 8),
+            );
+        }
+        end
     }
 
     /// Whether any cluster in `[from, to)` is referenced.
@@ -207,24 +215,17 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
 
     /// Writes a new refcount table and blocks holding the computed counts past the end of the file, syncs,
     /// then points the header at them (one 12-byte write) and syncs. The old table and blocks are then
-    /// unreferenced and free (their clusters get count 0 in the new structure). Returns false on failure
+    /// unreferenced, counted once: leaks for the caller to free. Returns false on failure
     /// (a check error is recorded; the image still uses the old structure unless the header write itself
     /// failed after reaching the disk, which leaves either structure: both count every reference).
     pub(super) async fn rebuild_structure(&mut self) -> bool {
         let cs = self.cs();
         let bits = self.geom.cluster_bits;
         let epb = self.epb();
-        // Counts without the old structure.
+        // The old table and blocks keep their counts: once the header points at the new structure
+        // they are leaks, which the recount after the switch frees (as QEMU does), so that a crash
+        // between the two leaves leaks only.
         let mut counts = std::mem::take(&mut self.refs);
-        for &(off, len) in &self.old_structure {
-            if len == 0 {
-                continue;
-            }
-            for c in (off >> bits)..=((off + len - 1) >> bits) {
-                let v = counts.get(c);
-                counts.set(c, v.saturating_sub(1));
-            }
-        }
         let last_used = counts.nonzero().last().map_or(0, |(c, _)| c + 1);
         let start = self.free_end().div_ceil(cs).max(last_used);
         // Table indices with counts, plus those of the new structure: a fixed point in the number of
@@ -234,11 +235,20 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
         let mut k = 1u64;
         let (blocks, table_clusters) = loop {
             let mut idx = used.clone();
-            for c in start..start + k {
+            let mut c = start;
+            while c < start + k {
                 idx.insert(c / epb);
+                c = (c / epb + 1) * epb;
             }
             let entries = idx.last().map_or(1, |&l| l + 1);
             let tc = (entries * 8).div_ceil(cs);
+            if tc * cs > qcow2_format::refcount::MAX_REFTABLE_SIZE_BYTES {
+                self.check_error(format!(
+                    "ERROR cannot rebuild the refcount structure: {entries} refcount table entries \
+                     exceed QEMU's limit"
+                ));
+                return false;
+            }
             let need = tc + idx.len() as u64;
             if need <= k {
                 break (idx, tc);
@@ -355,7 +365,7 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
                 return Err(super::PassAbort);
             };
             let mut dirty = 0;
-            for j in 0..n {
+            for j in 0..table.len() as u64 / esize {
                 let at = (j * esize) as usize;
                 let entry = be64(&table, at);
                 let ty = raw_type(entry, ext, self.has_data_file);

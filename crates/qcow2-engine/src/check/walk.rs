@@ -152,7 +152,11 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
         }
         let cs = self.cs();
         let end = u128::from(off) + u128::from(len);
-        self.max_ref_end = self.max_ref_end.max(u64::try_from(end).unwrap_or(u64::MAX));
+        if off < self.file_len {
+            // Ranges starting past the end of the file read as zeros and are corruption anyway; only
+            // what starts inside the file bounds where free space begins.
+            self.max_ref_end = self.max_ref_end.max(u64::try_from(end).unwrap_or(u64::MAX));
+        }
         if end >= u128::from(self.file_len) + u128::from(cs) {
             self.error(format!(
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or \
@@ -230,7 +234,6 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
         let (rt_off, rt_len) = (self.reftable_offset, self.reftable.len() as u64 * 8);
         self.inc(rt_off, rt_len);
         self.map.insert(rt_off, rt_len, MetaKind::RefcountTable);
-        self.old_structure.push((rt_off, rt_len));
 
         self.count_bitmaps().await?;
         self.check_refblocks();
@@ -293,7 +296,6 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
             if off != 0 {
                 self.inc(off, cs);
                 self.map.insert(off, cs, MetaKind::RefcountBlock);
-                self.old_structure.push((off, cs));
                 let n = self.refs.get(cluster);
                 if n != 1 {
                     self.error(format!("ERROR refcount block {i} refcount={n}"));
@@ -320,7 +322,8 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
         };
         let cs = self.cs();
         let fix = self.fix == Repair::All;
-        for i in 0..l1_size as usize {
+        // Entries past the end of the file are zero (unused).
+        for i in 0..table.len() / 8 {
             let e = be64(&table, i * 8);
             if e == 0 {
                 continue;
@@ -421,7 +424,8 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
         let ext = self.header.extended_l2();
         let fix = self.fix == Repair::All;
         let mut next_contiguous = 0u64;
-        for i in 0..n {
+        // Entries past the end of the file are zero (unallocated).
+        for i in 0..table.len() as u64 / esize {
             let at = (i * esize) as usize;
             let mut entry = be64(&table, at);
             let mut bitmap = if ext { be64(&table, at + 8) } else { 0 };
@@ -455,6 +459,8 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
                              clusters",
                             d.host_offset
                         ));
+                        // QEMU reports the entry without the flag from here on.
+                        entry &= !L2E_COPIED;
                     }
                     if self.has_data_file {
                         self.error(format!(

@@ -69,6 +69,10 @@ pub(crate) struct OverlapMap {
     /// Range start -> (exclusive end, kind). One entry per start: registering a second structure at the
     /// same start replaces the first (only possible in a corrupt image).
     ranges: BTreeMap<u64, (u64, MetaKind)>,
+    /// End of the header cluster, kept apart from `ranges` (as QEMU checks the main header on its own):
+    /// a corrupt image whose L1 or refcount table claims offset 0 must not make the header writable
+    /// for that table's updates.
+    header_end: u64,
 }
 
 impl OverlapMap {
@@ -82,6 +86,9 @@ impl OverlapMap {
     pub(crate) fn insert(&mut self, offset: u64, len: u64, kind: MetaKind) {
         if len == 0 {
             return;
+        }
+        if kind == MetaKind::Header {
+            self.header_end = self.header_end.max(offset.saturating_add(len));
         }
         self.ranges
             .insert(offset, (offset.saturating_add(len), kind));
@@ -120,6 +127,13 @@ impl OverlapMap {
     ) -> Result<(), OverlapHit> {
         if len == 0 {
             return Ok(());
+        }
+        if offset < self.header_end && own != Some((MetaKind::Header, 0)) {
+            return Err(OverlapHit {
+                kind: MetaKind::Header,
+                offset: 0,
+                len: self.header_end,
+            });
         }
         let end = offset.saturating_add(len);
         let is_own = |start: u64, kind: MetaKind| own == Some((kind, start));
@@ -216,6 +230,18 @@ mod tests {
         // Spanning two ranges, the first being own: the second is found.
         let r = m2.check(0x3f000, 0x2000, Some((MetaKind::ActiveL1, 0x30000)));
         assert_eq!(r.err().map(|h| h.kind), Some(MetaKind::SnapshotTable));
+    }
+
+    #[test]
+    fn the_header_stays_protected_under_a_table_claiming_offset_0() {
+        let mut m = map();
+        // A corrupt image: the L1 table at offset 0 replaces the header's entry in the ranges.
+        m.insert(0, 0x200, MetaKind::ActiveL1);
+        let r = m.check(0, 8, Some((MetaKind::ActiveL1, 0)));
+        assert_eq!(r.err().map(|h| h.kind), Some(MetaKind::Header));
+        // And a header write is refused too: it would land on the L1 table.
+        let r = m.check(48, 12, Some((MetaKind::Header, 0)));
+        assert_eq!(r.err().map(|h| h.kind), Some(MetaKind::ActiveL1));
     }
 
     #[test]

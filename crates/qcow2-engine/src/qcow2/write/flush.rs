@@ -77,7 +77,11 @@ impl<B: Backend> Qcow2Layer<B> {
         let io = self.meta_io();
         // 1. Refcounts (or, with lazy refcounts, the dirty bit that stands in for them).
         if w.lazy() {
-            if w.refcounts.is_dirty() && !w.dirty_marked {
+            // Decrements applied at the end of this flush make the blocks dirty too: the bit must be
+            // set before, or a crash after a flush that only freed clusters would leave a clean image
+            // with stale counts (leaks nothing ever repairs on open).
+            let will_be_dirty = w.refcounts.is_dirty() || w.refcounts.has_deferred();
+            if will_be_dirty && !w.dirty_marked {
                 let bits = w.header.header.incompatible | IncompatibleFeatures::DIRTY;
                 w.header.header.incompatible = bits;
                 self.write_header_field(INCOMPATIBLE_OFFSET, be64(bits.0))
@@ -116,31 +120,35 @@ impl<B: Backend> Qcow2Layer<B> {
             }
             wrote = true;
         }
-        let chunks: Vec<usize> = match meta.w.as_deref_mut() {
-            Some(w) => std::mem::take(&mut w.l1_dirty).into_iter().collect(),
+        // A chunk stays dirty until its write succeeded: a failed write must be retried by the next
+        // flush, or the L2 tables it points at would be lost although later flushes succeed.
+        let chunks: Vec<usize> = match meta.w.as_deref() {
+            Some(w) => w.l1_dirty.iter().copied().collect(),
             None => Vec::new(),
         };
         let l1_off = self.header.header.l1_table_offset;
         for c in chunks {
             let first = c * L1_CHUNK_ENTRIES;
             let last = (first + L1_CHUNK_ENTRIES).min(meta.l1.len());
-            if first >= last {
-                continue;
+            if first < last {
+                let bytes = serialize_l1_table(&meta.l1[first..last]);
+                let off = l1_off + first as u64 * 8;
+                self.guard_write(
+                    meta,
+                    off,
+                    bytes.len() as u64,
+                    Some((MetaKind::ActiveL1, l1_off)),
+                )
+                .await?;
+                self.file
+                    .write_at(bytes.into(), off)
+                    .await
+                    .map_err(Error::io(&self.name, "write L1 table", off))?;
+                wrote = true;
             }
-            let bytes = serialize_l1_table(&meta.l1[first..last]);
-            let off = l1_off + first as u64 * 8;
-            self.guard_write(
-                meta,
-                off,
-                bytes.len() as u64,
-                Some((MetaKind::ActiveL1, l1_off)),
-            )
-            .await?;
-            self.file
-                .write_at(bytes.into(), off)
-                .await
-                .map_err(Error::io(&self.name, "write L1 table", off))?;
-            wrote = true;
+            if let Some(w) = meta.w.as_deref_mut() {
+                w.l1_dirty.remove(&c);
+            }
         }
         // 4. Barrier.
         if wrote {

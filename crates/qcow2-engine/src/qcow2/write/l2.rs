@@ -90,19 +90,20 @@ impl<B: Backend> Qcow2Layer<B> {
                         res.map_err(Error::io(&self.name, "read L2 table", old.0))?;
                         // Cached slices of the old table stay valid: it is never written (it is
                         // shared), so none of them is dirty.
-                        Some(buf.freeze())
+                        buf.freeze()
                     }
-                    None if new.fresh => None,
-                    None => Some(bytes::Bytes::from(vec![0u8; cs as usize])),
+                    // Written even when the cluster is fresh (past the old end of the file, reading
+                    // as zeros already): the L1 entry must never point past the end of the file, not
+                    // even after a crash that keeps the L1 write but nothing else (the flush writes
+                    // this table's cluster before the barrier that precedes the L1 entry).
+                    None => bytes::Bytes::from(vec![0u8; cs as usize]),
                 };
-                if let Some(content) = content.clone() {
-                    self.guard_write(meta, new.offset, cs, Some((MetaKind::ActiveL2, new.offset)))
-                        .await?;
-                    self.file
-                        .write_at(content, new.offset)
-                        .await
-                        .map_err(Error::io(&self.name, "write L2 table", new.offset))?;
-                }
+                self.guard_write(meta, new.offset, cs, Some((MetaKind::ActiveL2, new.offset)))
+                    .await?;
+                self.file
+                    .write_at(content.clone(), new.offset)
+                    .await
+                    .map_err(Error::io(&self.name, "write L2 table", new.offset))?;
                 // The cluster may have held an L2 table freed earlier whose slices are still cached:
                 // make the cache agree with what is now on disk there.
                 let mut at = new.offset;
@@ -110,10 +111,7 @@ impl<B: Backend> Qcow2Layer<B> {
                     if let Some(slice) = meta.l2.get_mut(at) {
                         let range = (at - new.offset) as usize
                             ..(at - new.offset + self.slice_bytes) as usize;
-                        match &content {
-                            Some(c) => slice.data.copy_from_slice(&c[range]),
-                            None => slice.data.fill(0),
-                        }
+                        slice.data.copy_from_slice(&content[range]);
                         slice.dirty = false;
                     }
                     at += self.slice_bytes;
