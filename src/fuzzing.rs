@@ -4,7 +4,7 @@
 //! Each function must return normally for every input: a panic, a hang or an unbounded allocation is a
 //! bug. Errors are expected outcomes and are ignored.
 
-use qcow2_engine::{check_file, Image, ImageFormat, OpenOptions, Repair};
+use qcow2_engine::{check_backend, Image, OpenOptions, Repair};
 use qcow2_format::compressed::{compress, decompress, CompressedDescriptor};
 use qcow2_format::extensions::{parse_extensions, serialize_extensions, ExtensionContext};
 use qcow2_format::header::CompressionType;
@@ -22,7 +22,7 @@ use qcow2_format::refcount::{
 };
 use qcow2_format::snapshot::{parse_snapshot_table, serialize_snapshot_table};
 use qcow2_format::types::Geometry;
-use qcow2_io::{Backend, MemoryBackend, StdFileBackend};
+use qcow2_io::{Backend, MemoryBackend};
 
 /// Parses `data` as the first cluster of an image: header, extensions (backing format, feature name
 /// table, bitmaps, external data file name, encryption pointer, unknown ones), backing file name,
@@ -535,19 +535,15 @@ fn assert_header_invariant(before: &[u8], after: &[u8], what: &str) {
     same(96, HDR_V3_END, "refcount_order/header_length");
 }
 
-/// Runs `check -r all` (`check_file` with `Repair::All`, a fresh read-write open) on a copy of `bytes`
-/// in a temporary file, then checks the repaired file again: when the repair's final pass reported no
-/// corruption and no check error, a new check must agree.
+/// Runs `check -r all` (`check_backend` with `Repair::All`, as `qcow2 check -r all` on a closed image)
+/// on a copy of `bytes` in memory, then checks the repaired copy again: when the repair's final pass
+/// reported no corruption and no check error, a new check must agree.
 async fn repair_all(bytes: &[u8]) -> bool {
-    // One file per process (libFuzzer runs one input at a time); removed after use.
-    let path = std::env::temp_dir().join(format!("qcow2-fuzz-rw-{}.img", std::process::id()));
-    if std::fs::write(&path, bytes).is_err() {
-        return false;
-    }
-    let report = check_file::<StdFileBackend>(&path, Some(ImageFormat::Qcow2), Repair::All).await;
+    let copy = MemoryBackend::from_vec(bytes.to_vec()).with_max_size(RW_MAX_FILE);
+    let report = check_backend(&copy, "fuzz.img", Repair::All).await;
     if let Ok(r) = &report {
         if r.failed.is_none() && r.check_errors == 0 && r.corruptions == 0 {
-            let again = check_file::<StdFileBackend>(&path, Some(ImageFormat::Qcow2), Repair::None)
+            let again = check_backend(&copy, "fuzz.img", Repair::None)
                 .await
                 .expect("a repaired image checks again");
             assert_eq!(
@@ -557,7 +553,6 @@ async fn repair_all(bytes: &[u8]) -> bool {
             );
         }
     }
-    let _ = std::fs::remove_file(&path);
     report.is_ok_and(|r| r.failed.is_none())
 }
 
@@ -572,8 +567,8 @@ async fn header_bytes(b: &MemoryBackend) -> Vec<u8> {
 /// to 8 scripted requests (reads, writes, zero writes, discards, flushes; at most 64 KiB each) and
 /// closes it; after every request and after the close, whether they succeeded or not, the header
 /// invariant ([`assert_header_invariant`]) must hold. Then runs `Image::check` on a fresh read-only open, and
-/// `check_file(Repair::All)` (what `qcow2 check -r all` runs, a fresh read-write open) on a copy in a
-/// temporary file, and when that repair reports a clean image, a new check must find it clean too. Errors are expected outcomes; a panic, a hang
+/// `check_backend(Repair::All)` (what `qcow2 check -r all` runs) on a copy, and when that repair
+/// reports a clean image, a new check must find it clean too. Errors are expected outcomes; a panic, a hang
 /// or an unbounded allocation is a bug.
 pub fn rw_check(data: &[u8]) {
     let _ = rw_check_stats(data);
