@@ -4,7 +4,7 @@
 //! Each function must return normally for every input: a panic, a hang or an unbounded allocation is a
 //! bug. Errors are expected outcomes and are ignored.
 
-use qcow2_engine::{check_backend, Image, OpenOptions, Repair};
+use qcow2_engine::{check_backend, Image, ImageFormat, OpenOptions, Repair};
 use qcow2_format::compressed::{compress, decompress, CompressedDescriptor};
 use qcow2_format::extensions::{parse_extensions, serialize_extensions, ExtensionContext};
 use qcow2_format::header::CompressionType;
@@ -563,7 +563,8 @@ async fn header_bytes(b: &MemoryBackend) -> Vec<u8> {
     buf[..n].to_vec()
 }
 
-/// Opens the input as an image on the memory backend (bounded to [`RW_MAX_FILE`]) read-write, runs up
+/// Opens the input as a qcow2 image (never probed as raw: a raw image has no metadata to protect) on the
+/// memory backend (bounded to [`RW_MAX_FILE`]) read-write, runs up
 /// to 8 scripted requests (reads, writes, zero writes, discards, flushes; at most 64 KiB each) and
 /// closes it; after every request and after the close, whether they succeeded or not, the header
 /// invariant ([`assert_header_invariant`]) must hold. Then runs `Image::check` on a fresh read-only open, and
@@ -597,6 +598,7 @@ pub fn rw_check_stats(data: &[u8]) -> RwStats {
     rt.block_on(async {
         let backend = MemoryBackend::from_vec(data.to_vec()).with_max_size(RW_MAX_FILE);
         let opts = OpenOptions {
+            format: Some(ImageFormat::Qcow2),
             read_only: false,
             follow_backing: false,
             l2_cache_bytes: Some(64 << 10),
