@@ -40,6 +40,31 @@ pub enum Command {
     Io(crate::io::IoArgs),
     /// Create a new image.
     Create(CreateArgs),
+    /// Check an image for consistency (and repair it with `-r`).
+    Check(CheckArgs),
+}
+
+/// `qcow2 check [-q] [-f FMT] [-r leaks|all] [--output human|json] [-T CACHE] [-U] FILENAME`
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// `-f` and `--output`.
+    #[command(flatten)]
+    pub report: ReportArgs,
+    /// Repair: `leaks` (lower refcounts that are too high) or `all` (also fix corruptions).
+    #[arg(short = 'r', long = "repair", value_name = "leaks|all")]
+    pub repair: Option<String>,
+    /// Quiet: print nothing on standard output (the problems found still go to standard error).
+    #[arg(short = 'q', long = "quiet")]
+    pub quiet: bool,
+    /// Cache mode (accepted).
+    #[arg(short = 'T', long = "cache", value_name = "CACHE")]
+    pub cache: Option<String>,
+    /// Open in shared mode (accepted).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// The image.
+    #[arg(value_name = "FILENAME")]
+    pub files: Vec<String>,
 }
 
 /// `qcow2 create [-q] [-f FMT] [-b BACKING] [-F BACKING_FMT] [-o OPTIONS] FILENAME [SIZE]`

@@ -1,14 +1,16 @@
 //! `qcow2`: a command-line tool for QCOW2 images that speaks qemu-img's language.
 //!
-//! Commands: `info`, `map`, `convert`, `compare`, `bench` (read mode), with qemu-img's options and output
+//! Commands: `info`, `map`, `convert`, `compare`, `bench` (read mode), `check`, with qemu-img's options and output
 //! formats. Every error is one line on stderr, `qcow2: <message>`, and a non-zero exit status (1, or
-//! qemu-img's codes for `compare`: 2 open failure, 3 block-status failure, 4 read failure).
+//! qemu-img's codes for `compare`: 2 open failure, 3 block-status failure, 4 read failure; 63 for
+//! `check` of a format without checks).
 //!
 //! The command logic lives in modules that do not depend on the engine (formatting, merging, compare,
 //! convert and bench drivers over the [`source::BlockSource`] trait); `engine` adapts the engine to them.
 
 mod args;
 mod bench;
+mod check;
 mod compare;
 mod convert;
 mod create;
@@ -125,6 +127,7 @@ fn run(command: Command) -> Result<i32, CliError> {
             Command::Compare(a) => engine::compare::<StdFileBackend>(a).await,
             Command::Bench(_) | Command::Io(_) => Err(CliError::other("handled above")),
             Command::Create(a) => create::create::<StdFileBackend>(a).await,
+            Command::Check(a) => check::check::<StdFileBackend>(a).await,
         }
     })
 }

@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common_fault::{
-    decode, pattern, qemu_check_bytes, qemu_create, read_range, ro, runtime, rw, Rng, Val,
-    BACKING_ID, SECTOR,
+    backing_val, decode, make_backing, pattern, qemu_check_bytes, qemu_create, read_range, ro,
+    runtime, rw, Rng, Val, SECTOR,
 };
 use qcow2_engine::{Image, OpenOptions, Repair};
 use qcow2_io::{CutMode, FaultBackend};
@@ -418,11 +418,6 @@ fn allowed(cfg: &Config, log: &Log) -> Vec<Vec<Val>> {
         .collect()
 }
 
-/// The backing image's value of sector `s` (distinct per sector, so misplaced reads show).
-fn backing_val(s: u64) -> u64 {
-    BACKING_ID ^ s
-}
-
 /// Everything a configuration's cuts share.
 struct Prepared {
     dir: TempDir,
@@ -441,24 +436,7 @@ async fn prepare(cfg: &Config) -> Prepared {
     let mut backing = None;
     if cfg.backing {
         // The backing image: every sector carries its own pattern, written through the engine.
-        let base = qemu_create(d, "base.qcow2", cfg.size, "", None);
-        let be = FaultBackend::new(base);
-        let img = Image::open_backend(be.clone(), "base.qcow2", &rw())
-            .await
-            .expect("open backing");
-        let chunk = MIB / SECTOR;
-        for c in 0..cfg.size / MIB {
-            let mut buf = Vec::with_capacity(MIB as usize);
-            for s in c * chunk..(c + 1) * chunk {
-                buf.extend(pattern(backing_val(s), s, 1));
-            }
-            img.write_bytes(c * MIB, Bytes::from(buf))
-                .await
-                .expect("fill backing");
-        }
-        img.close().await.expect("close backing");
-        let bytes = be.contents();
-        std::fs::write(d.join("base.qcow2"), &bytes).expect("write backing");
+        let bytes = make_backing(d, cfg.size).await;
         backing = Some(
             Image::open_backend(FaultBackend::new(bytes), "base.qcow2", &ro())
                 .await
@@ -538,17 +516,6 @@ struct Stats {
     double_cuts: u64,
     /// Cuts whose run diverged from the uncut one before the crash point (cut after the close instead).
     diverged: u64,
-    /// Cuts that hit KNOWN_BUG_L2 (tolerated in the sweep, see `is_known_bug_l2`).
-    known_l2: u64,
-}
-
-/// KNOWN_BUG_L2 (/tmp/qcow2-plan/requests-fault.md, BUG 2): the engine does not write a fresh L2 table
-/// before the L1 entry that points to it (both land in one flush epoch), so a cut can leave L1 pointing
-/// past the end of the file. The sweep counts and prints such cuts instead of failing on them;
-/// `known_bug_l2_fresh_table_reaches_disk_before_l1` (ignored) replays cuts that hit it. Remove this
-/// tolerance once the engine is fixed.
-fn is_known_bug_l2(failure: &str) -> bool {
-    failure.contains("points to an L2 table at") && failure.contains("past the end of the file")
 }
 
 /// The uncut run of a workload: `m`, the number of mutating host operations it issues after open.
@@ -721,13 +688,11 @@ fn crash_point(seed: u64, k: u64, m: u64) -> u64 {
 }
 
 /// Runs the cuts of `cfg` (all, or the `(seed, cut)` pairs of `only`); returns the failures. With
-/// `tolerate_known`, cuts that hit KNOWN_BUG_L2 are counted in `stats` instead.
 fn run_config(
     cfg: &Config,
     only: Option<&[(u64, u64)]>,
     scale: u64,
     stats: &mut Stats,
-    tolerate_known: bool,
 ) -> Vec<String> {
     // A fresh runtime for every run: a current-thread runtime's scheduler keeps state across
     // `block_on` calls (its tick counter decides when deferred yields are woken), so only a fresh one
@@ -758,10 +723,6 @@ fn run_config(
             let n = crash_point(seed, k, m);
             let qemu = (seed * cfg.cuts + k).is_multiple_of(qemu_every) || only.is_some();
             if let Err(e) = runtime().block_on(one_cut(cfg, &prep, seed, n, qemu, stats)) {
-                if tolerate_known && is_known_bug_l2(&e) {
-                    stats.known_l2 += 1;
-                    continue;
-                }
                 failures.push(format!(
                     "CRASH_SEED={}:{seed}:{k} (crash at mutating op {n} of {m}): {e}",
                     cfg.name
@@ -772,11 +733,10 @@ fn run_config(
     failures
 }
 
-/// KNOWN_BUG_L2 (/tmp/qcow2-plan/requests-fault.md, BUG 2): cuts that leave an L1 entry pointing at an
-/// L2 table that never reached the disk.
+/// Regression: cuts that once left an L1 entry pointing at a fresh L2 table that never reached the disk
+/// (the engine did not write a new table beyond the end of the file before its L1 entry).
 #[test]
-#[ignore = "engine bug, /tmp/qcow2-plan/requests-fault.md BUG 2 (fresh L2 table not durable before L1)"]
-fn known_bug_l2_fresh_table_reaches_disk_before_l1() {
+fn fresh_l2_table_reaches_disk_before_l1() {
     skip_without_qemu!();
     let cases: &[(&str, &[(u64, u64)])] = &[
         ("c64k-r16", &[(36, 6), (39, 2)]),
@@ -785,7 +745,7 @@ fn known_bug_l2_fresh_table_reaches_disk_before_l1() {
     let mut failures = Vec::new();
     for (name, list) in cases {
         let cfg = CONFIGS.iter().find(|c| c.name == *name).expect("config");
-        failures.extend(run_config(cfg, Some(list), 1, &mut Stats::default(), false));
+        failures.extend(run_config(cfg, Some(list), 1, &mut Stats::default()));
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
@@ -814,29 +774,27 @@ fn crash_consistency() {
         .filter(|c| config.as_ref().is_none_or(|n| n == c.name))
         .collect();
     assert!(!configs.is_empty(), "no configuration named {only:?}");
-    // Two threads, each with its own current-thread runtime: the configurations are independent.
+    // Two threads, each with its own current-thread runtimes, take configurations from a shared queue,
+    // the most expensive first (bytes per image times cuts), so that they finish together.
+    let mut queue = configs.clone();
+    queue.sort_by_key(|c| std::cmp::Reverse(c.size.max(c.prefill) * c.seeds * c.cuts));
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<(Stats, Vec<String>, &str, f64)> = std::thread::scope(|sc| {
-        let (a, b): (Vec<_>, Vec<_>) = configs.iter().enumerate().partition(|(i, _)| i % 2 == 0);
-        let handles: Vec<_> = [a, b]
-            .into_iter()
-            .map(|part| {
-                let only = only.clone();
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                let (only, queue, next) = (only.clone(), &queue, &next);
                 sc.spawn(move || {
-                    part.into_iter()
-                        .map(|(_, cfg)| {
-                            let t = Instant::now();
-                            let mut stats = Stats::default();
-                            let sel = only.as_ref().map(|(_, s, k)| [(*s, *k)]);
-                            let f = run_config(
-                                cfg,
-                                sel.as_ref().map(|a| &a[..]),
-                                scale,
-                                &mut stats,
-                                true,
-                            );
-                            (stats, f, cfg.name, t.elapsed().as_secs_f64())
-                        })
-                        .collect::<Vec<_>>()
+                    let mut out = Vec::new();
+                    while let Some(cfg) =
+                        queue.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                    {
+                        let t = Instant::now();
+                        let mut stats = Stats::default();
+                        let sel = only.as_ref().map(|(_, s, k)| [(*s, *k)]);
+                        let f = run_config(cfg, sel.as_ref().map(|a| &a[..]), scale, &mut stats);
+                        out.push((stats, f, cfg.name, t.elapsed().as_secs_f64()));
+                    }
+                    out
                 })
             })
             .collect();
@@ -849,18 +807,15 @@ fn crash_consistency() {
     let mut failures = Vec::new();
     for (s, f, name, secs) in results {
         println!(
-            "crash: {name}: {} cuts ({} leaky, {} with a grown refcount table), {} failures, {} \
-             KNOWN_BUG_L2, {secs:.1} s",
+            "crash: {name}: {} cuts ({} leaky, {} with a grown refcount table), {} failures, {secs:.1} s",
             s.cuts,
             s.leaky,
             s.tables_grown,
-            f.len(),
-            s.known_l2
+            f.len()
         );
         total.cuts += s.cuts;
         total.qemu_checks += s.qemu_checks;
         total.our_checks += s.our_checks;
-        total.known_l2 += s.known_l2;
         total.diverged += s.diverged;
         total.double_cuts += s.double_cuts;
         failures.extend(f);
@@ -885,13 +840,6 @@ fn crash_consistency() {
             total.diverged
         );
     }
-    if total.known_l2 > 0 {
-        println!(
-            "crash: {} more cuts hit KNOWN_BUG_L2 (fresh L2 table not durable before its L1 entry; \
-             /tmp/qcow2-plan/requests-fault.md BUG 2), tolerated until the engine is fixed",
-            total.known_l2
-        );
-    }
     for f in &failures {
         eprintln!("crash failure: {f}");
     }
@@ -906,11 +854,10 @@ fn crash_consistency() {
 }
 
 /// The premise of replaying a cut from its seed: the same workload seed issues the same number of host
-/// operations every time (a fresh current-thread runtime per run, `FaultBackend::with_schedule`).
-/// Ignored: the engine's `async_lock::Mutex` turns fair after a waiter has waited 0.5 ms of wall time,
-/// so under load the interleaving depends on time (/tmp/qcow2-plan/requests-fault.md BUG 3).
+/// operations every time (a fresh current-thread runtime per run, `FaultBackend::with_schedule`). This
+/// found that async-lock's mutex, which turns fair after a waiter has waited 0.5 ms of wall time, made
+/// the interleaving depend on time under load; the engine's metadata lock is now tokio's (FIFO).
 #[test]
-#[ignore = "replay depends on wall time through async-lock's starvation mode (requests-fault.md BUG 3)"]
 fn workloads_replay_from_their_seed() {
     skip_without_qemu!();
     let cfg = CONFIGS

@@ -12,6 +12,21 @@ use bytes::{Bytes, BytesMut};
 use crate::sys::len64;
 use crate::{Backend, HostStatus};
 
+/// Host status of a file held in memory (`size` bytes, all data: memory has no holes).
+pub(crate) fn vec_host_status(size: u64, offset: u64, max_len: u64) -> HostStatus {
+    if offset < size {
+        HostStatus {
+            data: true,
+            len: (size - offset).min(max_len),
+        }
+    } else {
+        HostStatus {
+            data: false,
+            len: max_len,
+        }
+    }
+}
+
 /// Default largest size a [`MemoryBackend`] grows to (4 GiB).
 pub const DEFAULT_MAX_SIZE: u64 = 4 << 30;
 
@@ -199,18 +214,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn host_status(&self, offset: u64, max_len: u64) -> io::Result<HostStatus> {
-        let size = len64(self.lock().len());
-        Ok(if offset < size {
-            HostStatus {
-                data: true,
-                len: (size - offset).min(max_len),
-            }
-        } else {
-            HostStatus {
-                data: false,
-                len: max_len,
-            }
-        })
+        Ok(vec_host_status(len64(self.lock().len()), offset, max_len))
     }
 
     async fn allocated_size(&self) -> io::Result<Option<u64>> {

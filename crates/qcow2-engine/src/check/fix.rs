@@ -180,10 +180,32 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
             }
             c += 1;
         }
+        if fix != Repair::None {
+            self.clear_past_end(nb).await;
+        }
         if !self.dirty_blocks.is_empty() {
             self.write_blocks().await;
         }
         highest
+    }
+
+    /// Zeroes stored refcounts of clusters at or past `nb` (past the end of the file, referenced by
+    /// nothing). QEMU neither compares nor reports them, so neither does the count; but left in place
+    /// they would make the allocator skip those clusters once the file grows, leaking them for good.
+    async fn clear_past_end(&mut self, nb: u64) {
+        let epb = self.epb();
+        for ti in nb / epb..self.reftable.len() as u64 {
+            let off = self.reftable[ti as usize] & REFT_OFFSET_MASK;
+            if off == 0 || !self.geom.is_cluster_aligned(off) || off >= self.file_len {
+                continue;
+            }
+            let first = (ti * epb).max(nb);
+            for c in first..(ti + 1) * epb {
+                if matches!(self.stored(c).await, Ok(v) if v != 0) {
+                    self.set_stored(c, 0);
+                }
+            }
+        }
     }
 
     /// The end of everything the image uses or points at, the refcount structure included (it stays in

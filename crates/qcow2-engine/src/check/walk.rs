@@ -243,7 +243,7 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
     /// Bitmap directory, tables and data clusters (bitmaps extension in force only).
     async fn count_bitmaps(&mut self) -> super::Flow<()> {
         let io = self.meta_io();
-        match crate::qcow2::rebuild::bitmap_ranges(&io, &self.header).await {
+        match crate::qcow2::bitmaps::bitmap_ranges(&io, &self.header).await {
             Ok(ranges) => {
                 if let Some(&(off, len)) = ranges.first() {
                     self.map.insert(off, len, MetaKind::BitmapDirectory);
@@ -329,31 +329,12 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
                 continue;
             }
             if e & L1E_RESERVED_MASK != 0 {
-                let at = l1_off + i as u64 * 8;
-                let own = Some((
-                    if active {
-                        MetaKind::ActiveL1
-                    } else {
-                        MetaKind::InactiveL1
-                    },
-                    l1_off,
-                ));
                 let clean = e & !L1E_RESERVED_MASK;
-                if fix
-                    && self
-                        .write(at, clean.to_be_bytes().to_vec(), own, "repair L1 entry")
-                        .await
-                {
-                    self.need_sync = true;
+                if fix && self.rewrite_l1_entry(l1_off, i, active, clean).await {
                     self.fixed_corruption(format!(
                         "Repairing L1 entry {i} of the L1 table at {l1_off:#x}: reserved bits cleared \
                          ({e:#x} is now {clean:#x})"
                     ));
-                    if active {
-                        if let Some(x) = self.l1.get_mut(i) {
-                            *x = clean;
-                        }
-                    }
                 } else {
                     self.error(format!(
                         "ERROR found L1 entry with reserved bits set: {e:x}"
@@ -367,16 +348,7 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
             if fix && (past_eof || unaligned) {
                 // QEMU leaves such an entry; its L2 table is garbage or zeros, so drop it: the guest
                 // clusters it covered read as unallocated.
-                let at = l1_off + i as u64 * 8;
-                let own = Some((
-                    if active {
-                        MetaKind::ActiveL1
-                    } else {
-                        MetaKind::InactiveL1
-                    },
-                    l1_off,
-                ));
-                if self.write(at, vec![0; 8], own, "drop L1 entry").await {
+                if self.rewrite_l1_entry(l1_off, i, active, 0).await {
                     self.fixed_corruption(format!(
                         "Repairing L1 entry {i} of the L1 table at {l1_off:#x}: L2 table offset \
                          {l2:#x} is {}; entry dropped",
@@ -386,12 +358,6 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
                             "past the end of the file"
                         }
                     ));
-                    if active {
-                        if let Some(x) = self.l1.get_mut(i) {
-                            *x = 0;
-                        }
-                    }
-                    self.need_sync = true;
                     continue;
                 }
             }
@@ -509,13 +475,10 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
                             if fix {
                                 // As QEMU: the entry becomes a plain zero cluster.
                                 let new = if ext { 0 } else { L2E_ZERO };
-                                let mut bytes = new.to_be_bytes().to_vec();
-                                if ext {
-                                    bytes.extend_from_slice(&bitmap.to_be_bytes());
-                                }
-                                let own = active.then_some((MetaKind::ActiveL2, l2_off));
-                                if self.write(entry_off, bytes, own, "repair L2 entry").await {
-                                    self.sync().await;
+                                if self
+                                    .rewrite_l2_entry(entry_off, l2_off, active, new, bitmap)
+                                    .await
+                                {
                                     self.fixed_corruption(format!(
                                         "Repairing offset={off:x}: Preallocated cluster is not \
                                          properly aligned; L2 entry corrupted."
@@ -593,6 +556,31 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
     /// Whether a reference to `[off, off + len)` would be refused as running past the end of the file.
     fn past_eof(&self, off: u64, len: u64) -> bool {
         u128::from(off) + u128::from(len) >= u128::from(self.file_len) + u128::from(self.cs())
+    }
+
+    /// Rewrites entry `i` of the L1 table at `l1_off` (the active one when `active`, whose in-memory
+    /// copy follows) with `value`; synced before refcounts change. Returns whether it was written.
+    async fn rewrite_l1_entry(&mut self, l1_off: u64, i: usize, active: bool, value: u64) -> bool {
+        let kind = if active {
+            MetaKind::ActiveL1
+        } else {
+            MetaKind::InactiveL1
+        };
+        let at = l1_off + i as u64 * 8;
+        let data = value.to_be_bytes().to_vec();
+        if !self
+            .write(at, data, Some((kind, l1_off)), "repair L1 entry")
+            .await
+        {
+            return false;
+        }
+        if active {
+            if let Some(x) = self.l1.get_mut(i) {
+                *x = value;
+            }
+        }
+        self.need_sync = true;
+        true
     }
 
     /// Rewrites the L2 entry at `entry_off` (and its bitmap with extended L2), synced. Returns whether

@@ -6,11 +6,11 @@
 
 use std::sync::atomic::AtomicU64;
 
-use async_lock::Mutex;
 use bytes::BytesMut;
 use qcow2_format::header::HEADER_MIN_READ;
 use qcow2_format::image_header::ImageHeader;
 use qcow2_io::Backend;
+use tokio::sync::Mutex;
 
 use super::{DataFile, Metadata, Qcow2Layer};
 use crate::cache::LruCache;

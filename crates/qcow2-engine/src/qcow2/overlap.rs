@@ -11,8 +11,9 @@
 
 use std::collections::BTreeMap;
 
-/// The kind of a metadata structure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The kind of a metadata structure (ordered only to key the map: `Header` first, `BitmapDirectory`
+/// last).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum MetaKind {
     /// The header cluster (cluster 0: the header, its extensions and the backing file name all live in
     /// it).
@@ -61,19 +62,25 @@ pub(crate) struct OverlapHit {
 }
 
 /// Host ranges of metadata. Ranges never overlap each other in a valid image; insertion does not
-/// check that (the caller registers what the image says). In a corrupt image whose structures do overlap,
-/// a range hidden behind a longer earlier one may go unnoticed by [`OverlapMap::check`]; the check then
-/// still reports the structures that do not overlap each other, which is what QEMU's check guards.
+/// check that (the caller registers what the image says). In a corrupt image, structures of different
+/// kinds registered at the same start are all kept (an L2 table that is also a refcount block protects
+/// each from the other's writes); a range hidden behind a longer one starting earlier may go unnoticed
+/// by [`OverlapMap::check`], which still reports the structures that do not overlap each other, which
+/// is what QEMU's check guards.
 #[derive(Debug, Default)]
 pub(crate) struct OverlapMap {
-    /// Range start -> (exclusive end, kind). One entry per start: registering a second structure at the
-    /// same start replaces the first (only possible in a corrupt image).
-    ranges: BTreeMap<u64, (u64, MetaKind)>,
-    /// End of the header cluster, kept apart from `ranges` (as QEMU checks the main header on its own):
-    /// a corrupt image whose L1 or refcount table claims offset 0 must not make the header writable
-    /// for that table's updates.
+    /// (range start, kind) -> exclusive end. Registering the same kind again at the same start replaces
+    /// the range.
+    ranges: BTreeMap<(u64, MetaKind), u64>,
+    /// End of the header cluster, checked apart from `ranges` (as QEMU checks the main header on its
+    /// own): a corrupt image whose L1 or refcount table claims offset 0 must not make the header
+    /// writable for that table's updates.
     header_end: u64,
 }
+
+/// The smallest and largest kinds, bounding range queries over one start.
+const FIRST_KIND: MetaKind = MetaKind::Header;
+const LAST_KIND: MetaKind = MetaKind::BitmapDirectory;
 
 impl OverlapMap {
     /// An empty map.
@@ -91,7 +98,7 @@ impl OverlapMap {
             self.header_end = self.header_end.max(offset.saturating_add(len));
         }
         self.ranges
-            .insert(offset, (offset.saturating_add(len), kind));
+            .insert((offset, kind), offset.saturating_add(len));
     }
 
     /// Forgets every range that starts within `[offset, offset + len)` (clusters freed).
@@ -100,18 +107,24 @@ impl OverlapMap {
         if end <= offset {
             return;
         }
-        let starts: Vec<u64> = self.ranges.range(offset..end).map(|(&s, _)| s).collect();
-        for s in starts {
-            self.ranges.remove(&s);
+        let keys: Vec<(u64, MetaKind)> = self
+            .ranges
+            .range((offset, FIRST_KIND)..(end, FIRST_KIND))
+            .map(|(&k, _)| k)
+            .collect();
+        for k in keys {
+            self.ranges.remove(&k);
         }
     }
 
     /// The number of registered ranges.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.ranges.len()
     }
 
     /// Whether nothing is registered.
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.ranges.is_empty()
     }
@@ -137,23 +150,33 @@ impl OverlapMap {
         }
         let end = offset.saturating_add(len);
         let is_own = |start: u64, kind: MetaKind| own == Some((kind, start));
-        let hit = |start: u64, (r_end, kind): (u64, MetaKind)| OverlapHit {
+        let hit = |start: u64, kind: MetaKind, r_end: u64| OverlapHit {
             kind,
             offset: start,
             len: r_end - start,
         };
-        // The range starting last at or before `offset`: it overlaps iff it reaches past `offset`.
-        if let Some((&start, &(r_end, kind))) = self.ranges.range(..=offset).next_back() {
+        // The ranges starting last at or before `offset` (several kinds may share that start): one
+        // overlaps iff it reaches past `offset`.
+        let mut last_start = None;
+        for (&(start, kind), &r_end) in self.ranges.range(..=(offset, LAST_KIND)).rev() {
+            if last_start.is_some_and(|s| s != start) {
+                break;
+            }
+            last_start = Some(start);
             if r_end > offset && !is_own(start, kind) {
-                return Err(hit(start, (r_end, kind)));
+                return Err(hit(start, kind, r_end));
             }
         }
-        // Any range starting inside `(offset, end)` overlaps. At most one of them is `own` (one entry
-        // per start), so looking at the first two is enough.
+        // Any range starting inside `(offset, end)` overlaps. At most one of them is `own`, so looking
+        // at the first two is enough.
         if offset < u64::MAX {
-            for (&start, &(r_end, kind)) in self.ranges.range(offset + 1..end).take(2) {
+            for (&(start, kind), &r_end) in self
+                .ranges
+                .range((offset + 1, FIRST_KIND)..(end, FIRST_KIND))
+                .take(2)
+            {
                 if !is_own(start, kind) {
-                    return Err(hit(start, (r_end, kind)));
+                    return Err(hit(start, kind, r_end));
                 }
             }
         }
@@ -242,6 +265,20 @@ mod tests {
         // And a header write is refused too: it would land on the L1 table.
         let r = m.check(48, 12, Some((MetaKind::Header, 0)));
         assert_eq!(r.err().map(|h| h.kind), Some(MetaKind::ActiveL1));
+    }
+
+    #[test]
+    fn two_structures_at_one_start_protect_each_other() {
+        let mut m = map();
+        // A corrupt image: the L2 table at 0x50000 is also a refcount block.
+        m.insert(0x50000, 0x10000, MetaKind::RefcountBlock);
+        let r = m.check(0x50000, 0x10000, Some((MetaKind::ActiveL2, 0x50000)));
+        assert_eq!(r.err().map(|h| h.kind), Some(MetaKind::RefcountBlock));
+        let r = m.check(0x50008, 8, Some((MetaKind::RefcountBlock, 0x50000)));
+        assert_eq!(r.err().map(|h| h.kind), Some(MetaKind::ActiveL2));
+        // Freeing the cluster forgets both.
+        m.remove_range(0x50000, 0x10000);
+        assert_eq!(m.check(0x50000, 0x10000, None), Ok(()));
     }
 
     #[test]

@@ -97,9 +97,6 @@ pub(crate) struct Refcounts {
     max_clean: usize,
     /// Use counter for LRU eviction.
     tick: u64,
-    /// Rebuild only: refcounts of table indices that have no block yet. Lookups see them; creating the
-    /// block takes them as its initial content. Empty outside a rebuild.
-    phantom: HashMap<u64, Vec<u8>>,
     /// Deferred decrements: cluster index -> references dropped.
     deferred: BTreeMap<u64, u64>,
     /// Lowest cluster index that may be free (never 0: the header cluster).
@@ -275,7 +272,6 @@ impl Refcounts {
             dirty: BTreeSet::new(),
             max_clean,
             tick: 0,
-            phantom: HashMap::new(),
             deferred: BTreeMap::new(),
             free_hint: 1,
             file_len,
@@ -297,43 +293,22 @@ impl Refcounts {
 
     /// Host offset of the refcount table (it moves when the table grows; the caller's copy of the
     /// header is then stale).
+    #[cfg(test)]
     pub(crate) fn table_offset(&self) -> u64 {
         self.table_offset
     }
 
     /// Clusters of the refcount table.
+    #[cfg(test)]
     pub(crate) fn table_clusters(&self) -> u64 {
         self.table_clusters
     }
 
     /// The highest end of anything allocated since open (0 when nothing was): the file may need to
     /// reach at least this far.
+    #[cfg(test)]
     pub(crate) fn alloc_end(&self) -> u64 {
         self.alloc_end
-    }
-
-    /// Rebuild: the number of refcount table entries.
-    pub(super) fn table_len(&self) -> u64 {
-        self.table.len() as u64
-    }
-
-    /// Rebuild: the block offset of table index `ti`, if it has a block.
-    pub(super) fn block_at(&self, ti: u64) -> Option<u64> {
-        self.block_offset(ti)
-    }
-
-    /// Rebuild: counts (whole blocks, by table index) for table indices that have no block yet; the
-    /// allocator treats them as in use and [`Refcounts::ensure_block`] takes them as the initial
-    /// content of the block it creates.
-    pub(super) fn set_phantom(&mut self, phantom: HashMap<u64, Vec<u8>>) {
-        self.phantom = phantom;
-    }
-
-    /// Rebuild: the table indices still waiting for a block, in order.
-    pub(super) fn phantom_indices(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.phantom.keys().copied().collect();
-        v.sort_unstable();
-        v
     }
 
     /// Cluster size in bytes.
@@ -406,7 +381,7 @@ impl Refcounts {
         let data = if self.load_block(io, ti).await? {
             self.blocks.get(&ti).map(|b| b.data.as_slice())
         } else {
-            self.phantom.get(&ti).map(Vec::as_slice)
+            None
         };
         match data {
             Some(d) => get_refcount(d, idx, order).map_err(Error::format(io.name)),
@@ -464,7 +439,7 @@ impl Refcounts {
             let data = if self.load_block(io, ti).await? {
                 self.blocks.get(&ti).map(|b| b.data.as_slice())
             } else {
-                self.phantom.get(&ti).map(Vec::as_slice)
+                None
             };
             match data {
                 Some(d) => {
@@ -502,6 +477,7 @@ impl Refcounts {
     }
 
     /// The refcount of the cluster holding host offset `offset` (0 beyond the table).
+    #[cfg(test)]
     pub(crate) async fn get<B: Backend>(&mut self, io: &MetaIo<'_, B>, offset: u64) -> Result<u64> {
         self.rc(io, offset >> self.cluster_bits).await
     }
@@ -565,6 +541,7 @@ impl Refcounts {
 
     /// Adds one reference to every cluster overlapping `[offset, offset + len)`. On overflow of the
     /// refcount width, returns [`Error::RefcountOverflow`] and changes nothing.
+    #[cfg(test)]
     pub(crate) async fn increment<B: Backend>(
         &mut self,
         io: &MetaIo<'_, B>,
@@ -658,6 +635,15 @@ impl Refcounts {
                     ),
                 )
             })?;
+            if c == 0 && nv == 0 {
+                // Only a corrupt image references the header cluster from an L2 table (e.g. a
+                // compressed cluster stored in it); freeing it would let the host discard the header.
+                return Err(Error::corrupt(
+                    io.name,
+                    "dropping a reference would free the header cluster (an L2 entry points into it)"
+                        .to_string(),
+                ));
+            }
             new_values.push(nv);
         }
         let mut freed: Vec<(u64, u64)> = Vec::new();

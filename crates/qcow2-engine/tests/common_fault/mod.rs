@@ -210,3 +210,53 @@ pub async fn check_both(dir: &Path, name: &str, bytes: &[u8]) -> Result<u64, Str
     }
     Ok(ours.leaks)
 }
+
+/// The id the backing image gives sector `s` (distinct per sector, so misplaced reads show).
+pub fn backing_val(s: u64) -> u64 {
+    BACKING_ID ^ s
+}
+
+/// Creates `dir/base.qcow2` (64 KiB clusters, `size` bytes) whose every sector `s` carries the pattern
+/// of [`backing_val`]`(s)`, written through the engine; returns its bytes.
+pub async fn make_backing(dir: &Path, size: u64) -> Vec<u8> {
+    let base = qemu_create(dir, "base.qcow2", size, "", None);
+    let be = FaultBackend::new(base);
+    let img = Image::open_backend(be.clone(), "base.qcow2", &rw())
+        .await
+        .expect("open backing");
+    const MIB: u64 = 1 << 20;
+    let mut off = 0;
+    while off < size {
+        let len = MIB.min(size - off);
+        let mut buf = Vec::with_capacity(len as usize);
+        for s in off / SECTOR..(off + len) / SECTOR {
+            buf.extend(pattern(backing_val(s), s, 1));
+        }
+        img.write_bytes(off, bytes::Bytes::from(buf))
+            .await
+            .expect("fill backing");
+        off += len;
+    }
+    img.close().await.expect("close backing");
+    let bytes = be.contents();
+    std::fs::write(dir.join("base.qcow2"), &bytes).expect("write backing");
+    bytes
+}
+
+/// Opens `backend` (read-write or not, per `opts`) over an in-memory backing image of `backing` bytes,
+/// or alone.
+pub async fn open_over(
+    backend: FaultBackend,
+    name: &str,
+    opts: &OpenOptions,
+    backing: Option<&[u8]>,
+) -> qcow2_engine::Result<Image<FaultBackend>> {
+    match backing {
+        Some(b) => {
+            let base =
+                Image::open_backend(FaultBackend::new(b.to_vec()), "base.qcow2", &ro()).await?;
+            Image::open_backend_with_backing(backend, name, opts, base).await
+        }
+        None => Image::open_backend(backend, name, opts).await,
+    }
+}

@@ -9,7 +9,7 @@
 //! and at worst leaked clusters.
 
 use qcow2_format::refcount::{
-    encode_reftable_entry, get_refcount, serialize_reftable, set_refcount, MAX_REFTABLE_SIZE_BYTES,
+    encode_reftable_entry, serialize_reftable, set_refcount, MAX_REFTABLE_SIZE_BYTES,
 };
 use qcow2_format::types::HostOffset;
 use qcow2_io::Backend;
@@ -31,10 +31,10 @@ impl Refcounts {
     /// `avoid`: an inclusive range of clusters the new block must not occupy (clusters about to be
     /// referenced by the caller).
     ///
-    /// The block goes to the first free cluster of the range it describes and counts itself. When that
-    /// range has no free cluster (only possible in a rebuild, where the counts come from the image's
-    /// references), it goes to the first free cluster elsewhere, counted by the block describing that
-    /// cluster, which is created first if needed and written before the new block is linked.
+    /// The block goes to the first cluster of the range it describes (all free: the range has no
+    /// block) and counts itself. When `avoid` covers that whole range, it goes to the first free
+    /// cluster elsewhere, counted by the block describing that cluster, which is created first if
+    /// needed and written before the new block is linked.
     pub(crate) async fn ensure_block<B: Backend>(
         &mut self,
         io: &MetaIo<'_, B>,
@@ -52,7 +52,7 @@ impl Refcounts {
                 self.grow_table(io, map, need).await?;
                 continue;
             }
-            if let Some(idx) = self.self_slot(io, ti, avoid)? {
+            if let Some(idx) = self.self_slot(ti, avoid) {
                 return self.create_block(io, map, ti, idx).await;
             }
             // The range is full: find a free cluster elsewhere.
@@ -67,14 +67,14 @@ impl Refcounts {
             }
             if self.block_offset(ti2).is_none() {
                 // c2 is free, so block ti2 can describe itself.
-                if let Some(idx2) = self.self_slot(io, ti2, None)? {
+                if let Some(idx2) = self.self_slot(ti2, None) {
                     self.create_block(io, map, ti2, idx2).await?;
                 }
                 continue;
             }
             self.set(io, c2, 1).await?;
             self.write_block(io, map, ti2).await?;
-            let data = self.take_initial(ti);
+            let data = self.take_initial();
             return self.link_block(io, map, ti, c2, data).await;
         }
         Err(Error::corrupt(
@@ -83,36 +83,19 @@ impl Refcounts {
         ))
     }
 
-    /// The initial content of new block `ti`: its rebuild counts, or zeros.
-    fn take_initial(&mut self, ti: u64) -> Vec<u8> {
-        let cs = self.cs() as usize;
-        self.phantom.remove(&ti).unwrap_or_else(|| vec![0; cs])
+    /// The initial content of a new block: zeros.
+    fn take_initial(&self) -> Vec<u8> {
+        vec![0; self.cs() as usize]
     }
 
-    /// The index (in block `ti`) of the first free cluster that block `ti` describes, other than the
-    /// header cluster and `avoid`.
-    fn self_slot(
-        &self,
-        io: &MetaIo<'_, impl Backend>,
-        ti: u64,
-        avoid: Option<(u64, u64)>,
-    ) -> Result<Option<usize>> {
+    /// The index (in block `ti`, which does not exist yet, so every cluster it describes is free) of
+    /// the first cluster other than the header cluster and `avoid`.
+    fn self_slot(&self, ti: u64, avoid: Option<(u64, u64)>) -> Option<usize> {
         let base = ti.saturating_mul(self.epb);
-        let data = self.phantom.get(&ti);
-        for idx in 0..self.epb as usize {
+        (0..self.epb as usize).find(|&idx| {
             let c = base + idx as u64;
-            if c == 0 || avoid.is_some_and(|(a, b)| (a..=b).contains(&c)) {
-                continue;
-            }
-            let v = match data {
-                Some(d) => get_refcount(d, idx, self.order).map_err(Error::format(io.name))?,
-                None => 0,
-            };
-            if v == 0 {
-                return Ok(Some(idx));
-            }
-        }
-        Ok(None)
+            c != 0 && !avoid.is_some_and(|(a, b)| (a..=b).contains(&c))
+        })
     }
 
     /// Creates block `ti` at its own cluster `idx`, counting itself.
@@ -123,7 +106,7 @@ impl Refcounts {
         ti: u64,
         idx: usize,
     ) -> Result<()> {
-        let mut data = self.take_initial(ti);
+        let mut data = self.take_initial();
         set_refcount(&mut data, idx, self.order, 1).map_err(Error::format(io.name))?;
         let c = ti.saturating_mul(self.epb) + idx as u64;
         self.link_block(io, map, ti, c, data).await
@@ -249,13 +232,7 @@ impl Refcounts {
         let mut new_blocks: Vec<(u64, u64, Vec<u8>)> = missing
             .iter()
             .enumerate()
-            .map(|(k, &ti)| {
-                let data = self
-                    .phantom
-                    .remove(&ti)
-                    .unwrap_or_else(|| vec![0; cs as usize]);
-                (ti, (start + k as u64) << cb, data)
-            })
+            .map(|(k, &ti)| (ti, (start + k as u64) << cb, vec![0; cs as usize]))
             .collect();
         // Count every cluster of the layout in the block describing it.
         let mut touched = std::collections::BTreeSet::new();
@@ -337,12 +314,9 @@ impl Refcounts {
             if v == 0 {
                 continue;
             }
-            let (ti, idx) = self.loc(c);
+            let (ti, _) = self.loc(c);
             if self.block_offset(ti).is_some() {
                 self.set(io, c, v - 1).await?;
-            } else if let Some(p) = self.phantom.get_mut(&ti) {
-                // Rebuild: the old table lies in a range whose block is still to be created.
-                set_refcount(p, idx, order, v - 1).map_err(Error::format(io.name))?;
             }
             if v == 1 {
                 self.free_hint = self.free_hint.min(c).max(1);

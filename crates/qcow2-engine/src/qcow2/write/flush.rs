@@ -171,6 +171,11 @@ impl<B: Backend> Qcow2Layer<B> {
         let freed = w.refcounts.apply_deferred(&self.meta_io(), &busy).await?;
         for (off, len) in freed {
             w.overlap.remove_range(off, len);
+            // Freed clusters of a corrupt image may still hold metadata another structure claims:
+            // never discard those on the host.
+            if w.overlap.check(off, len, None).is_err() {
+                continue;
+            }
             if let Err(e) = self.file.punch_hole(off, len).await {
                 tracing::debug!(file = %self.name, "punching freed clusters at {off:#x}: {e}");
             }

@@ -25,8 +25,8 @@ use qcow2_format::image_header::ImageHeader;
 use qcow2_format::l1::L1Entry;
 use qcow2_io::Backend;
 
+use super::bitmaps::bitmap_ranges;
 use super::overlap::{MetaKind, OverlapMap};
-use super::rebuild::{bitmap_ranges, rebuild_and_load};
 use super::refcount::{HostAlloc, MetaIo, Refcounts};
 use super::snapshots::read_snapshot_table;
 use super::{Metadata, Qcow2Layer};
@@ -104,7 +104,7 @@ impl<B: Backend> Qcow2Layer<B> {
         &self,
         pos: u64,
         end: u64,
-    ) -> Result<(async_lock::MutexGuard<'_, Metadata>, u64)> {
+    ) -> Result<(tokio::sync::MutexGuard<'_, Metadata>, u64)> {
         let shared = self.shared()?;
         let cs = self.geom.cluster_size();
         let slice_cov = (self.slice_bytes / self.geom.l2_entry_size()) * cs;
@@ -156,19 +156,33 @@ impl<B: Backend> Qcow2Layer<B> {
         } else {
             Vec::new()
         };
-        let mut refcounts = if header.is_dirty() {
-            let r = rebuild_and_load(&io, &header, &l1, file_len).await?;
-            header.header.incompatible = header
-                .header
-                .incompatible
-                .with(IncompatibleFeatures::DIRTY, false);
-            self.write_header_field(INCOMPATIBLE_OFFSET, be64(header.header.incompatible.0))
-                .await?;
-            self.sync_file().await?;
-            r
+        let (file_len, l1) = if header.is_dirty() {
+            // The check's repair rebuilds the refcounts (possibly moving the refcount table, growing
+            // the file, dropping broken entries) and clears the dirty bit: read everything again.
+            crate::check::repair_dirty(&self.file, &self.name).await?;
+            let len = self
+                .file
+                .len()
+                .await
+                .map_err(Error::io(&self.name, "get file length", 0))?;
+            header = super::read_image_header(&self.file, &self.name, len).await?;
+            let l1_off = header.l1_table_offset().0;
+            let (res, buf) = self
+                .file
+                .read_at(crate::buf::io_buf(l1.len() * 8), l1_off)
+                .await;
+            res.map_err(Error::io(&self.name, "read L1 table", l1_off))?;
+            let l1 = qcow2_format::l1::parse_l1_table(&buf);
+            self.meta.get_mut().l1 = l1.clone();
+            self.file_len
+                .store(len, std::sync::atomic::Ordering::Release);
+            self.header = header.clone();
+            (len, l1)
         } else {
-            Refcounts::load(&io, &header, file_len).await?
+            (file_len, l1)
         };
+        let io = self.meta_io();
+        let mut refcounts = Refcounts::load(&io, &header, file_len).await?;
         if header.version() == Version::V3 {
             let keep = header.header.autoclear.0 & AutoclearFeatures::RAW_EXTERNAL.0;
             if header.header.autoclear.0 != keep {
@@ -183,12 +197,9 @@ impl<B: Backend> Qcow2Layer<B> {
             for (off, len) in bitmap_refs {
                 refcounts.defer_decrement(off, len);
             }
-            let freed = refcounts.apply_deferred(&io, &|_| false).await?;
-            for (off, len) in freed {
-                if let Err(e) = self.file.punch_hole(off, len).await {
-                    tracing::debug!(file = %self.name, "punching freed clusters at {off:#x}: {e}");
-                }
-            }
+            // Freed, not punched: the overlap map that would vouch for the range is not built yet,
+            // and a hostile bitmap table may point at live metadata.
+            refcounts.apply_deferred(&io, &|_| false).await?;
         }
 
         let mut overlap = OverlapMap::new();
