@@ -22,7 +22,7 @@ mod localtime;
 mod map_fmt;
 mod progress;
 mod qjson;
-mod size;
+use qcow2_cli::size;
 mod source;
 
 use clap::Parser;
