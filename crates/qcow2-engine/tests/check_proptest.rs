@@ -182,7 +182,7 @@ fn run_case(base: &[u8], opts: &str, damages: &[(Target, Value)]) -> Result<(), 
     let (code, j, stderr) = qemu_check(d, "img.qcow2", None);
     let ours = rt.block_on(check_file::<StdFileBackend>(&path, None, Repair::None));
     match &ours {
-        Ok(r) if r.failed.is_none() => assert_same(&what, &r, code, &j, &stderr),
+        Ok(r) if r.failed.is_none() => assert_same(&what, r, code, &j, &stderr),
         // Both could not complete, or qemu-img refused to open (exit 1, no JSON).
         Ok(r) => prop_assert_eq!(
             code,
