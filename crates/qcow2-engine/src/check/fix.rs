@@ -10,6 +10,8 @@
 //! COPIED flags are set only after the refcounts that justify them are durable. A torn write of a table
 //! leaves each 8- or 16-byte entry old or new, each of which is no worse than before.
 
+use std::collections::HashMap;
+
 use qcow2_format::l1::{L1E_COPIED, L1E_OFFSET_MASK};
 use qcow2_format::l2::{L2E_COPIED, L2E_OFFSET_MASK};
 use qcow2_format::refcount::{get_refcount, set_refcount, REFT_OFFSET_MASK};
@@ -214,9 +216,19 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
         let epb = self.epb();
         let order = self.order;
         let bits = self.geom.cluster_bits;
+        // A block named by several table entries (a corrupt table) holds counts for another range
+        // too: left alone.
+        let mut named: HashMap<u64, u32> = HashMap::new();
+        for &raw in &self.reftable {
+            *named.entry(raw & REFT_OFFSET_MASK).or_default() += 1;
+        }
         for ti in nb / epb..self.reftable.len() as u64 {
             let off = self.reftable[ti as usize] & REFT_OFFSET_MASK;
-            if off == 0 || !self.geom.is_cluster_aligned(off) || off >= self.file_len {
+            if off == 0
+                || !self.geom.is_cluster_aligned(off)
+                || off >= self.file_len
+                || named.get(&off) != Some(&1)
+            {
                 continue;
             }
             if self.stored(ti * epb).await.is_err() {

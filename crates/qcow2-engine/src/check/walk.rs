@@ -288,10 +288,16 @@ impl<B: qcow2_io::Backend> Pass<'_, B> {
         let cs = self.cs();
         let bits = self.geom.cluster_bits;
         let fix = self.fix == Repair::All;
+        let mut seen = std::collections::HashSet::new();
         for i in 0..self.reftable.len() {
             let raw = self.reftable[i];
             let off = raw & REFT_OFFSET_MASK;
             let cluster = off >> bits;
+            if fix && off != 0 && !seen.insert(off) {
+                // One block named twice: with 1-bit refcounts the second count overflows and QEMU's
+                // "refcount block N refcount=2" check never sees it; a repair rebuilds all the same.
+                self.rebuild = true;
+            }
             if raw & REFT_RESERVED_MASK != 0 {
                 self.error(format!(
                     "ERROR refcount table entry {i} has reserved bits set"
